@@ -1,0 +1,152 @@
+"""Opening a database: URL resolution, engine set-up, schema upgrades, write transactions.
+
+Every difference between SQLite and PostgreSQL in how the store *connects and locks* lives here,
+with the reason next to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
+
+import migrations
+
+DEFAULT_URL = "sqlite:///workitems.db"
+URL_ENV = "WORKITEM_STORE_URL"
+MIGRATIONS_DIR = Path(migrations.__file__).parent
+# Any fixed number: the key of the PostgreSQL advisory lock that serialises schema upgrades.
+_UPGRADE_LOCK_KEY = 0x5717E
+
+
+class StoreError(Exception):
+    """An error the user can act on; the CLI prints its message without a traceback."""
+
+
+def resolve_url(db: str | None = None) -> str:
+    """``--db`` (a SQLAlchemy URL or a file path), else $WORKITEM_STORE_URL, else the default."""
+    value = db or os.environ.get(URL_ENV) or DEFAULT_URL
+    if "://" in value:
+        return value
+    return f"sqlite:///{Path(value).expanduser()}"
+
+
+def open_engine(db: str | None = None, *, readonly: bool = False) -> Engine:
+    url = resolve_url(db)
+    try:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        if parsed.get_backend_name() == "sqlite":
+            return _sqlite_engine(parsed, readonly=readonly)
+        return create_engine(parsed, pool_pre_ping=True)
+    except (ArgumentError, ImportError) as exc:
+        raise StoreError(f"cannot use database URL {url!r}: {exc}") from exc
+
+
+def _sqlite_engine(url, *, readonly: bool) -> Engine:
+    database = url.database or ""
+    if database and database != ":memory:":
+        if readonly:
+            # SQLite's own read-only mode: the connection cannot write whatever SQL it runs.
+            url = url.set(database=f"file:{Path(database).resolve()}?mode=ro", query={"uri": "true"})
+        elif not Path(database).parent.exists():
+            raise StoreError(f"directory {Path(database).parent} does not exist (database {database})")
+    engine = create_engine(url, connect_args={"timeout": 60})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        # Take transaction control away from the sqlite3 module so that BEGIN is ours (below).
+        dbapi_connection.isolation_level = None
+        if not readonly:
+            # WAL lets readers (analysts, the projector) run while an importer writes.
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        dbapi_connection.execute("PRAGMA busy_timeout=60000")
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        # A writer must hold the write lock from its first read (the log head) to its commit,
+        # or two writers could read the same head; BEGIN IMMEDIATE takes that lock up front.
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.pop("write", False) else "BEGIN")
+
+    return engine
+
+
+@contextlib.contextmanager
+def write_transaction(engine: Engine):
+    """A transaction that will write the log or projections; writers run one at a time.
+
+    SQLite: BEGIN IMMEDIATE.  PostgreSQL: callers that allocate ``seq`` also lock the table
+    (see ``log.append``); projection writers serialise on a row lock of their checkpoints.
+    """
+    with translate_errors(), engine.connect() as conn:
+        conn.info["write"] = True
+        with conn.begin():
+            yield conn
+
+
+@contextlib.contextmanager
+def translate_errors():
+    """Driver errors become StoreError with the driver's own first line."""
+    try:
+        yield
+    except DBAPIError as exc:
+        detail = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise StoreError(f"database error: {detail}") from exc
+
+
+# -- schema ------------------------------------------------------------------------------------
+
+def alembic_config(conn: Connection | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if conn is not None:
+        cfg.attributes["connection"] = conn
+    return cfg
+
+
+def head_revision() -> str:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(conn: Connection) -> str | None:
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine) -> tuple[str | None, str]:
+    """Upgrade the schema to head; returns (revision before, revision after)."""
+    with write_transaction(engine) as conn:
+        if conn.dialect.name == "postgresql":
+            # Two processes initialising one empty database must not both create tables.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _UPGRADE_LOCK_KEY})
+        before = current_revision(conn)
+        command.upgrade(alembic_config(conn), "head")
+        return before, head_revision()
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create the schema in an empty database; refuse to work on an outdated one."""
+    with translate_errors(), engine.connect() as conn:
+        current = current_revision(conn)
+    if current is None:
+        upgrade(engine)
+    elif current != head_revision():
+        raise StoreError(
+            f"database schema is at revision {current}, this program needs {head_revision()}: "
+            "run `workitem-store init` to upgrade it"
+        )
+
+
+def open_store(db: str | None = None) -> Engine:
+    """The engine of a database that is ready for use (schema at head)."""
+    engine = open_engine(db)
+    ensure_schema(engine)
+    return engine

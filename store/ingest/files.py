@@ -1,0 +1,157 @@
+"""Importing JSONL files (or standard input) into the event log.
+
+The only writer of ``imported_files``.  A file is imported in one transaction together with its
+``imported_files`` record: it is in the log whole or not at all, so a failed import can simply
+be run again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import Engine, select
+
+from .. import log
+from ..db import StoreError, write_transaction
+from ..notifications import Notification, parse_line
+from ..schema import imported_files
+
+BATCH_LINES = 5000
+
+
+@dataclass
+class ImportResult:
+    file_name: str
+    sha256: str = ""
+    lines: int = 0  # non-blank lines read
+    blank: int = 0  # blank lines skipped
+    appended: int = 0  # rows added to event_log (= lines)
+    duplicates: int = 0
+    quarantined: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    reasons: dict[str, int] = field(default_factory=dict)  # quarantine reason -> count
+
+
+class AlreadyImported(StoreError):
+    pass
+
+
+def decode_line(raw: bytes) -> Notification | None:
+    """One raw line (terminator included or not) -> Notification; None for a blank line."""
+    if raw.endswith(b"\n"):
+        raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+    if not raw.strip():
+        return None
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = raw.decode("utf-8", "backslashreplace")
+        return parse_line_as_text(text, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
+    if "\x00" in line:
+        # A NUL cannot be stored in a PostgreSQL text column, and is never valid JSON.
+        return parse_line_as_text(line.replace("\x00", "\\x00"), "not JSON: contains NUL characters")
+    return parse_line(line)
+
+
+def parse_line_as_text(text: str, reason: str) -> Notification:
+    return Notification(text, None, None, None, None, None, None, None, None, reason)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def previous_imports(engine: Engine, sha256: str) -> list[dict]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(imported_files).where(imported_files.c.sha256 == sha256))
+        return [dict(r._mapping) for r in rows]
+
+
+def _batches(stream: BinaryIO, digest) -> Iterator[list[bytes]]:
+    batch: list[bytes] = []
+    for raw in stream:
+        digest.update(raw)
+        batch.append(raw)
+        if len(batch) >= BATCH_LINES:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def import_stream(engine: Engine, stream: BinaryIO, *, file_name: str, source: str,
+                  progress: Callable[[int], None] | None = None) -> ImportResult:
+    """Append every line of ``stream`` in one transaction and record the import.
+
+    Lines without an envelope get ``source`` and the time they were read as ``received_at``.
+    ``progress`` is called with the bytes consumed by each batch.
+    """
+    result = ImportResult(file_name)
+    digest = hashlib.sha256()
+    with write_transaction(engine) as conn:
+        for raw_lines in _batches(stream, digest):
+            received_at = dt.datetime.now(dt.timezone.utc)
+            batch = []
+            for raw in raw_lines:
+                n = decode_line(raw)
+                if n is None:
+                    result.blank += 1
+                    continue
+                batch.append(n)
+                if n.quarantine_reason:
+                    reason = n.quarantine_reason.split(":")[0]
+                    result.reasons[reason] = result.reasons.get(reason, 0) + 1
+            appended = log.append(conn, batch, source=source, received_at=received_at)
+            result.lines += len(batch)
+            result.appended += appended.appended
+            result.duplicates += appended.duplicates
+            result.quarantined += appended.quarantined
+            result.first_seq = result.first_seq or appended.first_seq
+            result.last_seq = appended.last_seq or result.last_seq
+            if progress:
+                progress(sum(map(len, raw_lines)))
+        result.sha256 = digest.hexdigest()
+        conn.execute(imported_files.insert().values(
+            file_name=file_name, sha256=result.sha256, rows=result.appended,
+            first_seq=result.first_seq, last_seq=result.last_seq,
+            imported_at=dt.datetime.now(dt.timezone.utc),
+        ))
+    return result
+
+
+def import_file(engine: Engine, path: Path, *, source: str | None = None, again: bool = False,
+                progress: Callable[[int], None] | None = None) -> ImportResult:
+    """Import one JSONL file; refuses a file already imported (same sha256) unless ``again``."""
+    try:
+        sha256 = file_sha256(path)
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+    if not again:
+        earlier = previous_imports(engine, sha256)
+        if earlier:
+            first = earlier[0]
+            raise AlreadyImported(
+                f"{path} was already imported (same sha256 {sha256[:12]}…) as {first['file_name']!r} "
+                f"at {first['imported_at']:%Y-%m-%d %H:%M:%S} UTC, {first['rows']} rows; "
+                "use --again to import it once more"
+            )
+    with path.open("rb") as stream:
+        return import_stream(engine, stream, file_name=path.name,
+                             source=source or f"file:{path.name}", progress=progress)
+
+
+def import_lines(engine: Engine, lines: Iterable[str], *, source: str, file_name: str = "lines") -> ImportResult:
+    """Import text lines (a convenience for notebooks and tests)."""
+    data = "".join(line if line.endswith("\n") else line + "\n" for line in lines).encode()
+    return import_stream(engine, io.BytesIO(data), file_name=file_name, source=source)

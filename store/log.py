@@ -1,0 +1,158 @@
+"""The append-only event log: appending batches (seq, duplicates, hash chain) and reading back.
+
+The only writer of ``event_log``.  Rows are never updated or deleted (triggers refuse it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, func, select, text
+
+from .notifications import Notification
+from .schema import event_log
+
+GENESIS_HASH = "0" * 64
+_IN_CHUNK = 900  # parameters per IN (...) list, well under every engine's limit
+
+
+def chain_hash(prev: str, seq: int, received_at: dt.datetime, source: str, payload_sha256: str,
+               duplicate_of: int | None, quarantine_reason: str | None) -> str:
+    """sha256 over the previous row's chain_hash and this row's content (docs/SQL.md, event_log)."""
+    content = "\n".join((
+        prev, str(seq), received_at.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        source, payload_sha256, "" if duplicate_of is None else str(duplicate_of), quarantine_reason or "",
+    ))
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+def payload_sha256(payload: str) -> str:
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    first_seq: int | None
+    last_seq: int | None
+    appended: int
+    duplicates: int
+    quarantined: int
+
+
+def head(conn: Connection) -> tuple[int, str]:
+    """(seq, chain_hash) of the last row; (0, GENESIS_HASH) for an empty log."""
+    row = conn.execute(
+        select(event_log.c.seq, event_log.c.chain_hash).order_by(event_log.c.seq.desc()).limit(1)
+    ).first()
+    return (row.seq, row.chain_hash) if row else (0, GENESIS_HASH)
+
+
+def lock_for_append(conn: Connection) -> None:
+    """Serialise appenders so that seq order is commit order.
+
+    PostgreSQL: an EXCLUSIVE table lock (readers still read) held to commit; the next writer reads
+    the head only after this one committed, so no reader ever sees seq N+1 while N is in flight.
+    SQLite: the write transaction (BEGIN IMMEDIATE, see db.write_transaction) already is that lock.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("LOCK TABLE event_log IN EXCLUSIVE MODE"))
+
+
+def _first_copies(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """(source, message_id) -> seq of the first copy already in the log."""
+    found: dict[tuple[str, str], int] = {}
+    ids = sorted({message_id for _, message_id in keys})
+    for i in range(0, len(ids), _IN_CHUNK):
+        rows = conn.execute(
+            select(event_log.c.source, event_log.c.message_id, func.min(event_log.c.seq))
+            .where(event_log.c.message_id.in_(ids[i : i + _IN_CHUNK]))
+            .group_by(event_log.c.source, event_log.c.message_id)
+        )
+        for source, message_id, seq in rows:
+            if (source, message_id) in keys:
+                found[(source, message_id)] = seq
+    return found
+
+
+def append(conn: Connection, notifications: Sequence[Notification], *, source: str,
+           received_at: dt.datetime) -> AppendResult:
+    """Append a batch inside the caller's write transaction (see db.write_transaction).
+
+    ``source`` and ``received_at`` apply to notifications that do not carry their own (those
+    that came without an envelope).
+    """
+    if not notifications:
+        return AppendResult(None, None, 0, 0, 0)
+    lock_for_append(conn)
+    seq, prev = head(conn)
+    first_seq = seq + 1
+    keys = {(n.source or source, n.message_id) for n in notifications if n.message_id is not None}
+    first_copy = _first_copies(conn, keys) if keys else {}
+    rows: list[dict[str, Any]] = []
+    duplicates = quarantined = 0
+    for n in notifications:
+        seq += 1
+        row_source = n.source or source
+        at = n.received_at or received_at
+        duplicate_of = None
+        if n.message_id is not None:
+            key = (row_source, n.message_id)
+            duplicate_of = first_copy.setdefault(key, seq)
+            if duplicate_of == seq:
+                duplicate_of = None
+            else:
+                duplicates += 1
+        if n.quarantine_reason is not None:
+            quarantined += 1
+        digest = payload_sha256(n.payload)
+        prev = chain_hash(prev, seq, at, row_source, digest, duplicate_of, n.quarantine_reason)
+        rows.append({
+            "seq": seq, "received_at": at, "source": row_source, "channel": n.channel,
+            "message_id": n.message_id, "message_type": n.message_type,
+            "notification_type": n.notification_type, "workitem_id": n.workitem_id,
+            "reference_id": n.reference_id, "payload": n.payload, "payload_sha256": digest,
+            "chain_hash": prev, "duplicate_of": duplicate_of, "quarantine_reason": n.quarantine_reason,
+        })
+    conn.execute(event_log.insert(), rows)
+    return AppendResult(first_seq, seq, len(rows), duplicates, quarantined)
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A projectable log row (not a duplicate, not quarantined), with its message's ``data``."""
+
+    seq: int
+    received_at: dt.datetime
+    source: str
+    notification_type: str
+    workitem_id: str | None
+    reference_id: str | None
+    data: dict
+
+
+def read_events(conn: Connection, after_seq: int, upto_seq: int | None = None,
+                chunk: int = 5000) -> Iterator[list[Event]]:
+    """Projectable events with after_seq < seq <= upto_seq, in seq order, in lists of ``chunk``."""
+    c = event_log.c
+    query = (
+        select(c.seq, c.received_at, c.source, c.notification_type, c.workitem_id, c.reference_id, c.payload)
+        .where(c.duplicate_of.is_(None), c.quarantine_reason.is_(None))
+        .order_by(c.seq)
+        .limit(chunk)
+    )
+    if upto_seq is not None:
+        query = query.where(c.seq <= upto_seq)
+    loads = json.loads
+    while True:
+        rows = conn.execute(query.where(c.seq > after_seq)).all()
+        if not rows:
+            return
+        yield [Event(r[0], r[1], r[2], r[3], r[4], r[5], loads(r[6])["data"]) for r in rows]
+        after_seq = rows[-1][0]

@@ -1,0 +1,13 @@
+"""Projections: tables derived from ``event_log`` alone, rebuilt from it at any time.
+
+One module per projection (its rules and its table writes); ``runner`` owns checkpoints,
+catch-up and rebuild.  The same ``apply`` rules serve incremental runs, rebuilds, ``verify``
+and in-memory reconstructions.
+"""
+
+from .capabilities import CapabilityHistory
+from .requests import RequestOutcomes
+from .transitions import WorkitemTransitions
+from .workitems import Workitems
+
+PROJECTIONS = (Workitems, WorkitemTransitions, CapabilityHistory, RequestOutcomes)

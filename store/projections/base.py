@@ -1,0 +1,82 @@
+"""What every projection is: state for the keys it has seen, rules to apply, rows to write."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from sqlalchemy import Connection, Table, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ..log import Event
+
+IN_CHUNK = 900  # keys per IN (...) list
+
+
+class Projection:
+    """Base of the four projections.
+
+    ``state`` caches, per key, what the rules need to apply the next event.  ``complete`` means
+    the cache holds every key (a rebuild, or an in-memory reconstruction): nothing is loaded from
+    the table then.  ``flush`` writes what changed since the last flush; ``rows`` is every row of
+    a complete in-memory run that never flushed.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[int]
+    table: ClassVar[Table]
+
+    def __init__(self, *, complete: bool = False):
+        self.complete = complete
+        self.state: dict[Any, Any] = {}
+
+    def key(self, event: Event) -> Any | None:
+        """The state key an event touches, or None when the projection ignores it."""
+        raise NotImplementedError
+
+    def load(self, conn: Connection, keys: set) -> None:
+        """Put the table's current state for ``keys`` (none of them cached yet) into ``state``."""
+        raise NotImplementedError
+
+    def apply(self, event: Event) -> None:
+        raise NotImplementedError
+
+    def flush(self, conn: Connection) -> None:
+        raise NotImplementedError
+
+    def rows(self) -> list[dict]:
+        raise NotImplementedError
+
+    def apply_all(self, conn: Connection | None, events: list[Event]) -> None:
+        """Load missing state (unless complete), then apply ``events`` in order."""
+        if not self.complete:
+            missing = {k for k in map(self.key, events) if k is not None and k not in self.state}
+            if missing:
+                self.load(conn, missing)
+        for event in events:
+            self.apply(event)
+
+
+def select_in(conn: Connection, query, columns, keys: Iterable) -> Iterable:
+    """Run ``query`` restricted to ``columns`` IN ``keys`` (chunked), yielding rows."""
+    keys = list(keys)
+    target = columns[0] if len(columns) == 1 else tuple_(*columns)
+    for i in range(0, len(keys), IN_CHUNK):
+        yield from conn.execute(query.where(target.in_(keys[i : i + IN_CHUNK])))
+
+
+def upsert(conn: Connection, table: Table, rows: list[dict]) -> None:
+    """Insert rows, replacing those whose primary key exists.
+
+    Both engines spell it INSERT ... ON CONFLICT (pk) DO UPDATE; only the construct's module differs.
+    """
+    if not rows:
+        return
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(table)
+    pk = [c.name for c in table.primary_key.columns]
+    stmt = stmt.on_conflict_do_update(
+        index_elements=pk,
+        set_={c.name: stmt.excluded[c.name] for c in table.columns if c.name not in pk},
+    )
+    conn.execute(stmt, rows)

@@ -1,0 +1,80 @@
+"""``capability_history``: one row per unbroken interval in which a workitem had a capability.
+
+The only writer of that table.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import bindparam, select
+
+from ..notifications import ERROR
+from ..schema import capability_history as history
+from .base import Projection, select_in
+from .workitems import capability_list, workitem_of
+
+
+class CapabilityHistory(Projection):
+    name = "capability_history"
+    version = 1
+    table = history
+
+    def __init__(self, *, complete: bool = False):
+        super().__init__(complete=complete)
+        # state: workitem_id -> {capability: granted_seq} of the intervals still open
+        self.inserts: dict[tuple, dict] = {}  # new intervals, by (workitem, capability, granted_seq)
+        self.closes: list[dict] = []  # intervals already in the table that closed
+
+    def key(self, event):
+        return event.workitem_id
+
+    def load(self, conn, keys):
+        query = select(history.c.workitem_id, history.c.capability, history.c.granted_seq).where(
+            history.c.revoked_seq.is_(None)
+        )
+        for wid in keys:
+            self.state[wid] = {}
+        for wid, capability, granted_seq in select_in(conn, query, [history.c.workitem_id], keys):
+            self.state[wid][capability] = granted_seq
+
+    def apply(self, event):
+        if event.workitem_id is None or event.notification_type == ERROR:
+            return
+        now = capability_list(workitem_of(event).get("capabilities"))
+        if now is None:
+            return
+        wid = event.workitem_id
+        open_ = self.state.setdefault(wid, {})
+        for capability in now:
+            if capability not in open_:
+                open_[capability] = event.seq
+                self.inserts[(wid, capability, event.seq)] = {
+                    "workitem_id": wid, "capability": capability, "granted_seq": event.seq,
+                    "granted_at": event.received_at, "revoked_seq": None, "revoked_at": None,
+                }
+        for capability in set(open_).difference(now):
+            granted_seq = open_.pop(capability)
+            row = self.inserts.get((wid, capability, granted_seq))
+            if row is not None:
+                row.update(revoked_seq=event.seq, revoked_at=event.received_at)
+            else:
+                self.closes.append({"k_workitem_id": wid, "k_capability": capability,
+                                    "k_granted_seq": granted_seq, "k_revoked_seq": event.seq,
+                                    "k_revoked_at": event.received_at})
+
+    def flush(self, conn):
+        if self.inserts:
+            conn.execute(history.insert(), list(self.inserts.values()))
+        if self.closes:
+            conn.execute(
+                history.update()
+                .where(history.c.workitem_id == bindparam("k_workitem_id"),
+                       history.c.capability == bindparam("k_capability"),
+                       history.c.granted_seq == bindparam("k_granted_seq"))
+                .values(revoked_seq=bindparam("k_revoked_seq"),
+                        revoked_at=bindparam("k_revoked_at", type_=history.c.revoked_at.type)),
+                self.closes,
+            )
+        self.inserts, self.closes = {}, []
+
+    def rows(self):
+        return list(self.inserts.values())

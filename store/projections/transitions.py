@@ -1,0 +1,64 @@
+"""``workitem_transitions``: one row each time a workitem's state differs from its previous one.
+
+The only writer of that table.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from ..notifications import ERROR, as_text
+from ..schema import workitem_transitions as transitions
+from .base import Projection, select_in
+from .workitems import workitem_of
+
+
+class WorkitemTransitions(Projection):
+    name = "workitem_transitions"
+    version = 1
+    table = transitions
+
+    def __init__(self, *, complete: bool = False):
+        super().__init__(complete=complete)
+        self.pending: list[dict] = []
+
+    def key(self, event):
+        return event.workitem_id
+
+    def load(self, conn, keys):
+        # The state now is the to_state of each workitem's latest transition.
+        latest = (
+            select(transitions.c.workitem_id, func.max(transitions.c.seq).label("seq"))
+            .group_by(transitions.c.workitem_id)
+        )
+        found = {}
+        for wid, seq in select_in(conn, latest, [transitions.c.workitem_id], keys):
+            found[wid] = seq
+        query = select(transitions.c.workitem_id, transitions.c.to_state)
+        for wid, state in select_in(conn, query, [transitions.c.workitem_id, transitions.c.seq],
+                                    list(found.items())):
+            self.state[wid] = state
+        for wid in keys:
+            self.state.setdefault(wid, None)
+
+    def apply(self, event):
+        if event.workitem_id is None or event.notification_type == ERROR:
+            return
+        new = as_text(workitem_of(event).get("state"))
+        old = self.state.get(event.workitem_id)
+        if new is None or new == old:
+            return
+        self.state[event.workitem_id] = new
+        self.pending.append({
+            "workitem_id": event.workitem_id, "seq": event.seq, "at": event.received_at,
+            "from_state": old, "to_state": new, "notification_type": event.notification_type,
+            "source": event.source, "reference_id": event.reference_id,
+        })
+
+    def flush(self, conn):
+        if self.pending:
+            conn.execute(transitions.insert(), self.pending)
+        self.pending = []
+
+    def rows(self):
+        return list(self.pending)

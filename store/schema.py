@@ -1,0 +1,180 @@
+"""Every table of the store, as SQLAlchemy Core objects.
+
+This module is the contract analysts query (documented column by column in docs/SQL.md).
+Alembic migrations in ``migrations/`` create these tables; a test checks that the two agree
+on SQLite and PostgreSQL.  Nothing here creates tables itself.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import TypeDecorator
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(TypeDecorator):
+    """A UTC instant: ``timestamptz`` on PostgreSQL, ISO-8601 text on SQLite.
+
+    On SQLite the text is ``YYYY-MM-DD HH:MM:SS.ffffff`` (UTC, no offset): the form SQLite's own
+    date functions read and produce, so ``received_at > datetime('now', '-1 hour')`` compares
+    correctly.  Python values are always timezone-aware UTC datetimes.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(26))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store only takes UTC-aware times")
+        value = value.astimezone(dt.timezone.utc)
+        if dialect.name == "sqlite":
+            return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+        return value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = dt.datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+
+
+# JSON values keep their array order on both engines; JSONB on PostgreSQL makes them comparable.
+JSONValue = JSON().with_variant(JSONB(), "postgresql")
+
+event_log = Table(
+    "event_log",
+    metadata,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("channel", Text),
+    Column("message_id", Text),
+    Column("message_type", Text),
+    Column("notification_type", Text),
+    Column("workitem_id", Text),
+    Column("reference_id", Text),
+    Column("payload", Text, nullable=False),
+    Column("payload_sha256", String(64), nullable=False),
+    Column("chain_hash", String(64), nullable=False),
+    Column("duplicate_of", BigInteger),
+    Column("quarantine_reason", Text),
+    Index(None, "workitem_id", "seq"),
+    Index(None, "source", "reference_id"),
+    Index(None, "source", "message_id"),
+)
+
+imported_files = Table(
+    "imported_files",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("file_name", Text, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("first_seq", BigInteger),
+    Column("last_seq", BigInteger),
+    Column("imported_at", UTCDateTime, nullable=False),
+    Index(None, "sha256"),
+)
+
+workitems = Table(
+    "workitems",
+    metadata,
+    Column("workitem_id", Text, primary_key=True),
+    Column("state", Text),
+    Column("workitem_type", Text),
+    Column("uri", Text),
+    Column("capabilities", JSONValue),
+    Column("user_data", JSONValue),
+    Column("first_seq", BigInteger, nullable=False),
+    Column("last_seq", BigInteger, nullable=False),
+    Column("first_seen_at", UTCDateTime, nullable=False),
+    Column("last_seen_at", UTCDateTime, nullable=False),
+    Column("notification_count", Integer, nullable=False),
+    Column("error_count", Integer, nullable=False),
+)
+
+workitem_transitions = Table(
+    "workitem_transitions",
+    metadata,
+    Column("workitem_id", Text, primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("at", UTCDateTime, nullable=False),
+    Column("from_state", Text),
+    Column("to_state", Text, nullable=False),
+    Column("notification_type", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("reference_id", Text),
+)
+
+capability_history = Table(
+    "capability_history",
+    metadata,
+    Column("workitem_id", Text, primary_key=True),
+    Column("capability", Text, primary_key=True),
+    Column("granted_seq", BigInteger, primary_key=True),
+    Column("granted_at", UTCDateTime, nullable=False),
+    Column("revoked_seq", BigInteger),
+    Column("revoked_at", UTCDateTime),
+)
+
+request_outcomes = Table(
+    "request_outcomes",
+    metadata,
+    Column("source", Text, primary_key=True),
+    Column("reference_id", Text, primary_key=True),
+    Column("workitem_id", Text),
+    Column("outcome", Text, nullable=False),
+    Column("error_code", Text),
+    Column("error_message", Text),
+    Column("notification_count", Integer, nullable=False),
+    Column("first_seq", BigInteger, nullable=False),
+    Column("last_seq", BigInteger, nullable=False),
+    Column("first_at", UTCDateTime, nullable=False),
+    Column("last_at", UTCDateTime, nullable=False),
+    Index(None, "workitem_id"),
+)
+
+projection_checkpoints = Table(
+    "projection_checkpoints",
+    metadata,
+    Column("projection", Text, primary_key=True),
+    Column("last_seq", BigInteger, nullable=False, server_default=text("0")),
+    Column("version", Integer, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+PROJECTION_TABLES = (workitems, workitem_transitions, capability_history, request_outcomes)

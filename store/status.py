@@ -1,0 +1,42 @@
+"""What is in a store: row counts, checkpoints and their lag, quarantine and duplicates, chain head."""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, func, select
+
+from . import log
+from .projections import PROJECTIONS
+from .schema import PROJECTION_TABLES, event_log, imported_files, projection_checkpoints
+
+
+def status(conn: Connection) -> dict:
+    c = event_log.c
+    head_seq, head_hash = log.head(conn)
+    counts = conn.execute(select(
+        func.count(),
+        func.count(c.duplicate_of),
+        func.count(c.quarantine_reason),
+    )).one()
+    reasons = conn.execute(
+        select(c.quarantine_reason, func.count()).where(c.quarantine_reason.is_not(None))
+        .group_by(c.quarantine_reason).order_by(func.count().desc()).limit(10)
+    ).all()
+    stored = {r.projection: r for r in conn.execute(select(projection_checkpoints))}
+    checkpoints = []
+    for cls in PROJECTIONS:
+        r = stored.get(cls.name)
+        last_seq = r.last_seq if r else 0
+        checkpoints.append({
+            "projection": cls.name, "last_seq": last_seq, "lag": head_seq - last_seq,
+            "version": r.version if r else None, "code_version": cls.version,
+            "updated_at": r.updated_at.isoformat() if r else None,
+        })
+    tables = {t.name: conn.execute(select(func.count()).select_from(t)).scalar_one()
+              for t in (event_log, imported_files, *PROJECTION_TABLES)}
+    return {
+        "event_log": {"rows": counts[0], "duplicates": counts[1], "quarantined": counts[2],
+                      "head_seq": head_seq, "chain_head": head_hash,
+                      "quarantine_reasons": {reason: n for reason, n in reasons}},
+        "tables": tables,
+        "checkpoints": checkpoints,
+    }
