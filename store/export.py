@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from sqlalchemy import Connection, select
 
 from .schema import event_log
-from .notifications import envelope_line
+from .notifications import envelope_line, utc_text, parse_line
 
 # Quarantine reasons whose payload is the whole input line rather than a message.
-LINE_REASONS = ("not JSON", "not UTF-8", "envelope")
+LINE_REASONS = ("not JSON", "not a JSON object", "not UTF-8", "envelope")
+_JSON_WS = " \t\r\n"
 
 
 def export_lines(conn: Connection, after_seq: int = 0, upto_seq: int | None = None,
@@ -19,8 +20,10 @@ def export_lines(conn: Connection, after_seq: int = 0, upto_seq: int | None = No
     """Envelope lines for after_seq < seq <= upto_seq.
 
     A payload that is a message is embedded as it is (``"message": <payload>``); a payload that
-    is a whole input line that was not one (not JSON, or a broken envelope) is carried as a JSON
-    string under ``"line"``, so that importing the export classifies every row as before.
+    is a whole input line that was not one (not JSON, or a broken envelope), or a message line
+    with whitespace around it, is carried as a JSON string under ``"line"`` (with its
+    ``"quarantine_reason"`` when that was decided on the raw bytes), so that importing the
+    export classifies every row as before.
     """
     c = event_log.c
     query = select(c.seq, c.received_at, c.source, c.payload, c.quarantine_reason).order_by(c.seq).limit(chunk)
@@ -31,9 +34,14 @@ def export_lines(conn: Connection, after_seq: int = 0, upto_seq: int | None = No
         if not rows:
             return
         for seq, received_at, source, payload, reason in rows:
-            if (reason or "").startswith(LINE_REASONS):
+            # A message line with whitespace around it is also carried whole: embedded as a
+            # message, the whitespace would not be part of the payload read back.
+            if (reason or "").startswith(LINE_REASONS) or payload != payload.strip(_JSON_WS):
                 stamp = received_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-                yield json.dumps({"received_at": stamp, "source": source, "line": payload})
+                entry = {"received_at": stamp, "source": source, "line": payload}
+                if reason and parse_line(payload).quarantine_reason != reason:
+                    entry["quarantine_reason"] = reason  # decided on the raw bytes (not UTF-8, NUL)
+                yield json.dumps(entry)
             else:
                 yield envelope_line(received_at, source, payload)
         after_seq = rows[-1][0]

@@ -10,11 +10,13 @@ import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+import orjson
 from sqlalchemy import Connection, func, select, text
 
-from .notifications import Notification
+from .db import insert_rows
+from .notifications import Notification, utc_text
 from .schema import event_log
 
 GENESIS_HASH = "0" * 64
@@ -25,7 +27,7 @@ def chain_hash(prev: str, seq: int, received_at: dt.datetime, source: str, paylo
                duplicate_of: int | None, quarantine_reason: str | None) -> str:
     """sha256 over the previous row's chain_hash and this row's content (docs/SQL.md, event_log)."""
     content = "\n".join((
-        prev, str(seq), received_at.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        prev, str(seq), utc_text(received_at),
         source, payload_sha256, "" if duplicate_of is None else str(duplicate_of), quarantine_reason or "",
     ))
     return hashlib.sha256(content.encode()).hexdigest()
@@ -64,18 +66,24 @@ def lock_for_append(conn: Connection) -> None:
 
 
 def _first_copies(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
-    """(source, message_id) -> seq of the first copy already in the log."""
+    """(source, message_id) -> seq of the first copy already in the log.
+
+    One query per source with an IN list of ids: both engines then walk the (source,
+    message_id) index; a row-value IN over pairs made SQLite scan (measured: 10x slower).
+    """
+    by_source: dict[str, list[str]] = {}
+    for source, message_id in keys:
+        by_source.setdefault(source, []).append(message_id)
+    c = event_log.c
     found: dict[tuple[str, str], int] = {}
-    ids = sorted({message_id for _, message_id in keys})
-    for i in range(0, len(ids), _IN_CHUNK):
-        rows = conn.execute(
-            select(event_log.c.source, event_log.c.message_id, func.min(event_log.c.seq))
-            .where(event_log.c.message_id.in_(ids[i : i + _IN_CHUNK]))
-            .group_by(event_log.c.source, event_log.c.message_id)
-        )
-        for source, message_id, seq in rows:
-            if (source, message_id) in keys:
-                found[(source, message_id)] = seq
+    for source, ids in by_source.items():
+        for i in range(0, len(ids), _IN_CHUNK):
+            rows = conn.execute(
+                select(c.message_id, func.min(c.seq))
+                .where(c.source == source, c.message_id.in_(ids[i : i + _IN_CHUNK]))
+                .group_by(c.message_id)
+            )
+            found.update(((source, message_id), seq) for message_id, seq in rows)
     return found
 
 
@@ -118,14 +126,22 @@ def append(conn: Connection, notifications: Sequence[Notification], *, source: s
             "reference_id": n.reference_id, "payload": n.payload, "payload_sha256": digest,
             "chain_hash": prev, "duplicate_of": duplicate_of, "quarantine_reason": n.quarantine_reason,
         })
-    conn.execute(event_log.insert(), rows)
+    insert_rows(conn, event_log, rows)
     return AppendResult(first_seq, seq, len(rows), duplicates, quarantined)
+
+
+def load_json(text: str) -> Any:
+    """json.loads, 3x faster: orjson, falling back to json for what orjson refuses but the
+    standard library accepts (NaN, integers beyond 64 bits)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 # -- reading -----------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     """A projectable log row (not a duplicate, not quarantined), with its message's ``data``."""
 
     seq: int
@@ -135,6 +151,12 @@ class Event:
     workitem_id: str | None
     reference_id: str | None
     data: dict
+    workitem: dict  # data.workitem, or {} when absent or not an object
+
+
+def _event(row, data: dict) -> Event:
+    workitem = data.get("workitem")
+    return Event(*row[:6], data, workitem if isinstance(workitem, dict) else {})
 
 
 def read_events(conn: Connection, after_seq: int, upto_seq: int | None = None,
@@ -149,10 +171,9 @@ def read_events(conn: Connection, after_seq: int, upto_seq: int | None = None,
     )
     if upto_seq is not None:
         query = query.where(c.seq <= upto_seq)
-    loads = json.loads
     while True:
         rows = conn.execute(query.where(c.seq > after_seq)).all()
         if not rows:
             return
-        yield [Event(r[0], r[1], r[2], r[3], r[4], r[5], loads(r[6])["data"]) for r in rows]
+        yield [_event(r, load_json(r[6])["data"]) for r in rows]
         after_seq = rows[-1][0]

@@ -16,16 +16,35 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Any
+
+import orjson
 
 MESSAGE_TYPE = "WorkitemStateChangeMessage"
 STATUS_CHANGE, PROPERTIES_UPDATED, ERROR = "StatusChange", "PropertiesUpdated", "Error"
 NOTIFICATION_TYPES = (STATUS_CHANGE, PROPERTIES_UPDATED, ERROR)
 ENVELOPE_KEYS = ("received_at", "source", "message")
 
-_decoder = json.JSONDecoder()
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+# Strict JSON (RFC 8259): NaN, Infinity and numbers that overflow to infinity are refused, as
+# PostgreSQL's json/jsonb refuse them; accepting them would let a logged row break projecting.
+_decoder = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
+UNSTORABLE = "not JSON: a string holds \\u0000 or an unpaired surrogate (not storable)"
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL, or a surrogate left unpaired by a \u escape
 _scanstring = json.decoder.scanstring
 _WS = re.compile(r"[ \t\n\r]*")
 
@@ -53,7 +72,7 @@ def _object_spans(line: str) -> dict[str, tuple[Any, int, int]] | None:
     """
     idx = _WS.match(line, 0).end()
     if line[idx : idx + 1] != "{":
-        json.loads(line)  # not an object: still tell JSON from garbage
+        _decoder.decode(line)  # not an object: still tell JSON from garbage
         return None
     spans: dict[str, tuple[Any, int, int]] = {}
     idx = _WS.match(line, idx + 1).end()
@@ -108,34 +127,91 @@ def _unreadable(payload: str, reason: str, received_at=None, source=None) -> Not
     return Notification(payload, received_at, source, None, None, None, None, None, None, reason)
 
 
+def _storable(value: Any) -> bool:
+    """False when a string (key or value) holds NUL or an unpaired surrogate: JSON text allows
+    both through \\u escapes, but neither UTF-8 nor PostgreSQL text/jsonb can store them."""
+    if isinstance(value, str):
+        return _UNSTORABLE.search(value) is None
+    if isinstance(value, dict):
+        return all(_storable(k) and _storable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(map(_storable, value))
+    return True
+
+
 def parse_line(line: str) -> Notification:
     """Classify one input line (without its line terminator)."""
+    try:
+        parsed = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return _parse_line_exactly(line)  # what orjson refuses, json may accept (NaN, big ints)
+    if not isinstance(parsed, dict):
+        return _unreadable(line, "not a JSON object")
+    if "\\u" in line and not _storable(parsed):
+        return _unreadable(line, UNSTORABLE)
+    if "received_at" in parsed and ("message" in parsed or "line" in parsed):
+        payload = _last_value_text(line, "message", parsed.get("message"))
+        if payload is None:
+            return _parse_line_exactly(line)
+        return _envelope(line, parsed, payload)
+    return classify(line, parsed)
+
+
+def _last_value_text(line: str, key: str, value: Any) -> str | None:
+    """The raw text of ``key``'s value when it is the object's last key (as export writes it).
+
+    The first '"key":' in the line can only be that top-level key or sit inside the text before
+    it; parsing the candidate back and comparing with the value parsed from the whole line
+    rules out every other case.  None when unsure: the caller then scans the line exactly.
+    """
+    at = line.find(f'"{key}":')
+    end = line.rstrip(" \t\r\n")
+    if at < 0 or not end.endswith("}"):
+        return None
+    candidate = line[at + len(key) + 3 : len(end) - 1].strip(" \t\r\n")
+    try:
+        return candidate if orjson.loads(candidate) == value else None
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _parse_line_exactly(line: str) -> Notification:
+    """The general path: scan the top-level object with the standard library's decoder."""
     try:
         spans = _object_spans(line)
     except ValueError as exc:
         return _unreadable(line, f"not JSON: {exc}")
     if spans is None:
         return _unreadable(line, "not a JSON object")
-    if "message" in spans and "received_at" in spans:
-        try:
-            received_at = parse_timestamp(spans["received_at"][0])
-        except ValueError as exc:
-            return _unreadable(line, f"envelope received_at is not a timestamp: {exc}")
-        source = spans["source"][0] if "source" in spans else None
-        if not isinstance(source, str) or not source:
-            return _unreadable(line, "envelope source is not a non-empty string", received_at)
-        message, start, end = spans["message"]
-        return classify(line[start:end], message, received_at, source)
-    if "line" in spans and "received_at" in spans and isinstance(spans["line"][0], str):
-        # An exported row whose payload was a whole input line (not JSON, or a broken envelope).
-        inner = parse_line(spans["line"][0])
-        try:
-            received_at = parse_timestamp(spans["received_at"][0])
-        except ValueError as exc:
-            return _unreadable(line, f"envelope received_at is not a timestamp: {exc}")
-        source = spans.get("source", (None,))[0]
-        return replace(inner, received_at=inner.received_at or received_at, source=inner.source or source)
-    return classify(line, {key: value for key, (value, _, _) in spans.items()})
+    values = {key: value for key, (value, _, _) in spans.items()}
+    if ("\\u" in line or "\x00" in line) and not _storable(values):
+        return _unreadable(line, UNSTORABLE)
+    if "received_at" in values and ("message" in values or "line" in values):
+        payload = line[spans["message"][1] : spans["message"][2]] if "message" in spans else None
+        return _envelope(line, values, payload)
+    return classify(line, values)
+
+
+def _envelope(line: str, envelope: dict, payload: str | None) -> Notification:
+    """An envelope line: ``payload`` is the raw text of its message (None for a "line" one)."""
+    try:
+        received_at = parse_timestamp(envelope["received_at"])
+    except ValueError as exc:
+        return _unreadable(line, f"envelope received_at is not a timestamp: {exc}")
+    source = envelope.get("source")
+    if not isinstance(source, str) or not source:
+        return _unreadable(line, "envelope source is not a non-empty string", received_at)
+    if payload is not None:
+        return classify(payload, envelope["message"], received_at, source)
+    if not isinstance(envelope["line"], str):
+        return _unreadable(line, "envelope line is not a string", received_at, source)
+    # An exported row whose payload was a whole input line (not JSON, or a broken envelope).
+    inner = parse_line(envelope["line"])
+    reason = envelope.get("quarantine_reason")
+    if isinstance(reason, str) and reason and reason != inner.quarantine_reason:
+        # A reason decided on the raw bytes (not UTF-8, NUL), which the text cannot show again.
+        inner = _unreadable(envelope["line"], reason)
+    return replace(inner, received_at=inner.received_at or received_at, source=inner.source or source)
 
 
 def classify(payload: str, message: Any, received_at=None, source=None) -> Notification:
@@ -169,7 +245,16 @@ def classify(payload: str, message: Any, received_at=None, source=None) -> Notif
     )
 
 
+def utc_text(at: dt.datetime) -> str:
+    """'YYYY-MM-DDTHH:MM:SS.ffffffZ', the form of timestamps in envelopes and in the hash chain.
+
+    (isoformat: several times faster than the equivalent strftime.)
+    """
+    if at.tzinfo is not dt.timezone.utc:
+        at = at.astimezone(dt.timezone.utc)
+    return at.isoformat(timespec="microseconds")[:26] + "Z"  # [:26] drops "+00:00"
+
+
 def envelope_line(received_at: dt.datetime, source: str, payload: str) -> str:
     """The envelope line ``export`` writes: the message's own text embedded unchanged."""
-    stamp = received_at.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return f'{{"received_at": "{stamp}", "source": {json.dumps(source)}, "message": {payload}}}'
+    return f'{{"received_at": "{utc_text(received_at)}", "source": {json.dumps(source)}, "message": {payload}}}'

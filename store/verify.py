@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from sqlalchemy import Connection, select
 
@@ -62,9 +63,24 @@ def verify_chain(conn: Connection, report: VerifyReport, chunk: int = 10_000) ->
             report.rows, report.head_seq, report.head_hash = report.rows + 1, r.seq, link
 
 
+def _json_text(value) -> str:
+    """A JSON value as text that compares by meaning: keys sorted, numbers by value.
+
+    PostgreSQL's jsonb keeps a number's value, not its spelling: 1e16 written from Python comes
+    back as the integer 10000000000000000, equal to the 1e16 a rebuild computes.
+    """
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(k)}:{_json_text(value[k])}" for k in sorted(value)) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(map(_json_text, value)) + "]"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+        return str(number.normalize()) if number else "0"
+    return json.dumps(value)
+
+
 def _canonical(row: dict, columns: list[str]) -> tuple:
-    return tuple(json.dumps(row[c], sort_keys=True) if isinstance(row[c], (dict, list)) else row[c]
-                 for c in columns)
+    return tuple(_json_text(row[c]) if isinstance(row[c], (dict, list)) else row[c] for c in columns)
 
 
 def compare_projections(conn: Connection, report: VerifyReport, examples: int = 3) -> None:

@@ -18,11 +18,11 @@ from typing import BinaryIO
 from sqlalchemy import Engine, select
 
 from .. import log
-from ..db import StoreError, write_transaction
+from ..db import StoreError, collections_postponed, write_transaction
 from ..notifications import Notification, parse_line
 from ..schema import imported_files
 
-BATCH_LINES = 5000
+BATCH_LINES = 20_000
 
 
 @dataclass
@@ -99,7 +99,7 @@ def import_stream(engine: Engine, stream: BinaryIO, *, file_name: str, source: s
     """
     result = ImportResult(file_name)
     digest = hashlib.sha256()
-    with write_transaction(engine) as conn:
+    with write_transaction(engine) as conn, collections_postponed():
         for raw_lines in _batches(stream, digest):
             received_at = dt.datetime.now(dt.timezone.utc)
             batch = []

@@ -6,7 +6,6 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from sqlalchemy import Connection, Table, tuple_
-from sqlalchemy.dialects import postgresql, sqlite
 
 from ..log import Event
 
@@ -41,7 +40,9 @@ class Projection:
     def apply(self, event: Event) -> None:
         raise NotImplementedError
 
-    def flush(self, conn: Connection) -> None:
+    def flush(self, conn: Connection, final: bool) -> None:
+        """Write what changed.  Not ``final``: rows that later events may still change can wait
+        (each is then written once, not once per chunk); ``final``: write everything."""
         raise NotImplementedError
 
     def rows(self) -> list[dict]:
@@ -63,20 +64,3 @@ def select_in(conn: Connection, query, columns, keys: Iterable) -> Iterable:
     target = columns[0] if len(columns) == 1 else tuple_(*columns)
     for i in range(0, len(keys), IN_CHUNK):
         yield from conn.execute(query.where(target.in_(keys[i : i + IN_CHUNK])))
-
-
-def upsert(conn: Connection, table: Table, rows: list[dict]) -> None:
-    """Insert rows, replacing those whose primary key exists.
-
-    Both engines spell it INSERT ... ON CONFLICT (pk) DO UPDATE; only the construct's module differs.
-    """
-    if not rows:
-        return
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(table)
-    pk = [c.name for c in table.primary_key.columns]
-    stmt = stmt.on_conflict_do_update(
-        index_elements=pk,
-        set_={c.name: stmt.excluded[c.name] for c in table.columns if c.name not in pk},
-    )
-    conn.execute(stmt, rows)

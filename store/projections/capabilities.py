@@ -9,8 +9,9 @@ from sqlalchemy import bindparam, select
 
 from ..notifications import ERROR
 from ..schema import capability_history as history
+from ..db import insert_rows
 from .base import Projection, select_in
-from .workitems import capability_list, workitem_of
+from .workitems import capability_list
 
 
 class CapabilityHistory(Projection):
@@ -39,11 +40,13 @@ class CapabilityHistory(Projection):
     def apply(self, event):
         if event.workitem_id is None or event.notification_type == ERROR:
             return
-        now = capability_list(workitem_of(event).get("capabilities"))
+        now = capability_list(event.workitem.get("capabilities"))
         if now is None:
             return
         wid = event.workitem_id
         open_ = self.state.setdefault(wid, {})
+        if len(now) == len(open_) and all(capability in open_ for capability in now):
+            return  # the same capabilities again (the usual PropertiesUpdated)
         for capability in now:
             if capability not in open_:
                 open_[capability] = event.seq
@@ -61,9 +64,13 @@ class CapabilityHistory(Projection):
                                     "k_granted_seq": granted_seq, "k_revoked_seq": event.seq,
                                     "k_revoked_at": event.received_at})
 
-    def flush(self, conn):
-        if self.inserts:
-            conn.execute(history.insert(), list(self.inserts.values()))
+    def flush(self, conn, final):
+        if final:
+            rows, self.inserts = list(self.inserts.values()), {}
+        else:  # open intervals may still close: insert them closed, not insert then update
+            rows = [row for row in self.inserts.values() if row["revoked_seq"] is not None]
+            self.inserts = {key: row for key, row in self.inserts.items() if row["revoked_seq"] is None}
+        insert_rows(conn, history, rows)
         if self.closes:
             conn.execute(
                 history.update()
@@ -74,7 +81,7 @@ class CapabilityHistory(Projection):
                         revoked_at=bindparam("k_revoked_at", type_=history.c.revoked_at.type)),
                 self.closes,
             )
-        self.inserts, self.closes = {}, []
+            self.closes = []
 
     def rows(self):
         return list(self.inserts.values())

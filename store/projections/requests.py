@@ -9,7 +9,8 @@ from sqlalchemy import select
 
 from ..notifications import ERROR, as_text
 from ..schema import request_outcomes as outcomes
-from .base import Projection, select_in, upsert
+from ..db import insert_rows
+from .base import Projection, select_in
 
 
 class RequestOutcomes(Projection):
@@ -52,8 +53,11 @@ class RequestOutcomes(Projection):
                     row[column] = value
         self.dirty.add(key)
 
-    def flush(self, conn):
-        upsert(conn, outcomes, [self.state[key] for key in sorted(self.dirty)])
+    def flush(self, conn, final):
+        if not final:
+            return
+        # A complete run started from an empty table: plain inserts, no conflict to resolve.
+        insert_rows(conn, outcomes, [self.state[key] for key in sorted(self.dirty)], replace=not self.complete)
         self.dirty.clear()
 
     def rows(self):

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Engine, delete, select, text
 
 from .. import log
-from ..db import write_transaction
+from ..db import collections_postponed, insert_rows, write_transaction
 from ..schema import projection_checkpoints as checkpoints
 from . import PROJECTIONS
-from .base import Projection, upsert
+from .base import Projection
 
 Progress = Callable[[int, int], None]  # (seq reached, head seq)
 TRANSACTION_EVENTS = 20_000  # log rows applied per incremental transaction
@@ -45,22 +45,25 @@ def _lock_checkpoints(conn: Connection) -> dict[str, tuple[int, int]]:
 
 def _save_checkpoints(conn: Connection, projections: list[Projection], seq: int) -> None:
     now = dt.datetime.now(dt.timezone.utc)
-    upsert(conn, checkpoints, [
+    insert_rows(conn, checkpoints, [
         {"projection": p.name, "last_seq": seq, "version": p.version, "updated_at": now}
         for p in projections
-    ])
+    ], replace=True)
 
 
 def _run(conn: Connection, projections: list[Projection], after_seq: int, upto_seq: int,
          progress: Progress | None, head_seq: int) -> int:
     applied = 0
-    for events in log.read_events(conn, after_seq, upto_seq):
+    with collections_postponed():
+        for events in log.read_events(conn, after_seq, upto_seq):
+            for p in projections:
+                p.apply_all(conn, events)
+                p.flush(conn, final=False)
+            applied += len(events)
+            if progress:
+                progress(events[-1].seq, head_seq)
         for p in projections:
-            p.apply_all(conn, events)
-            p.flush(conn)
-        applied += len(events)
-        if progress:
-            progress(events[-1].seq, head_seq)
+            p.flush(conn, final=True)
     return applied
 
 

@@ -9,8 +9,8 @@ from sqlalchemy import func, select
 
 from ..notifications import ERROR, as_text
 from ..schema import workitem_transitions as transitions
+from ..db import insert_rows
 from .base import Projection, select_in
-from .workitems import workitem_of
 
 
 class WorkitemTransitions(Projection):
@@ -44,7 +44,7 @@ class WorkitemTransitions(Projection):
     def apply(self, event):
         if event.workitem_id is None or event.notification_type == ERROR:
             return
-        new = as_text(workitem_of(event).get("state"))
+        new = as_text(event.workitem.get("state"))
         old = self.state.get(event.workitem_id)
         if new is None or new == old:
             return
@@ -55,9 +55,9 @@ class WorkitemTransitions(Projection):
             "source": event.source, "reference_id": event.reference_id,
         })
 
-    def flush(self, conn):
+    def flush(self, conn, final):
         if self.pending:
-            conn.execute(transitions.insert(), self.pending)
+            insert_rows(conn, transitions, self.pending)
         self.pending = []
 
     def rows(self):
