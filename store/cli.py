@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from . import db, export, status as status_mod, verify as verify_mod
+from . import audit, db, export, status as status_mod, verify as verify_mod
 from .ingest import files
 from .projections import runner
 from .simulate import FORMATS, simulate as simulate_lines
@@ -42,6 +42,11 @@ def _errors():
 
 def _engine():
     return db.open_store(click.get_current_context().obj)
+
+
+def _query_engine():
+    """For commands that only read: a SQLite file is opened read-only (and must exist)."""
+    return db.open_reader(click.get_current_context().obj)
 
 
 def _progress_bar(total: int | None, unit: str, desc: str):
@@ -202,8 +207,7 @@ def status(as_json):
     Example:
       workitem-store status --json
     """
-    engine = _engine()
-    with engine.connect() as conn:
+    with db.snapshot(_engine()) as conn:
         info = status_mod.status(conn)
     if as_json:
         _echo_json(info)
@@ -232,8 +236,7 @@ def verify(as_json):
     Example:
       workitem-store verify
     """
-    engine = _engine()
-    with engine.connect() as conn:
+    with db.snapshot(_engine()) as conn:
         report = verify_mod.verify(conn)
     if as_json:
         _echo_json({"ok": report.ok, "rows": report.rows, "head_seq": report.head_seq,
@@ -270,8 +273,7 @@ def export_(output, after_seq, upto_seq):
     Example:
       workitem-store export -o backup.jsonl
     """
-    engine = _engine()
-    with engine.connect() as conn, click.open_file(output, "w", encoding="utf-8") as out:
+    with db.snapshot(_engine()) as conn, click.open_file(output, "w", encoding="utf-8") as out:
         for line in export.export_lines(conn, after_seq, upto_seq):
             out.write(line + "\n")
 
@@ -315,6 +317,164 @@ def simulate(events, agents, seed, start, fmt, error_rate, duplicate_rate, noise
     with click.open_file(output, "w", encoding="utf-8") as out:
         for line in lines:
             out.write(line + "\n")
+
+
+def _output_options(command):
+    command = click.option("--csv", "fmt", flag_value="csv", help="Print CSV.")(command)
+    command = click.option("--json", "fmt", flag_value="json", help="Print JSON.")(command)
+    return command
+
+
+def _emit_rows(rows: list[dict], fmt: str | None, table_rows=None) -> None:
+    """rows as JSON, CSV, or (default) a table for reading on a terminal."""
+    if fmt == "json":
+        _echo_json(rows)
+    elif fmt == "csv":
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v, default=str) if isinstance(v, (dict, list)) else v
+                             for k, v in row.items()})
+    else:
+        from tabulate import tabulate
+
+        click.echo(tabulate(table_rows if table_rows is not None else rows, headers="keys"))
+
+
+def _compact(value) -> str:
+    return "" if value in (None, [], {}) else json.dumps(value, default=str, ensure_ascii=False)
+
+
+@main.command()
+@click.argument("workitem_id")
+@_output_options
+@db_option
+def history(workitem_id, fmt):
+    """The full audit trail of one workitem, from the log alone.
+
+    Every log row about it, duplicates and quarantined rows included: seq, received_at, source,
+    notification type, what it did (state change, capabilities granted and revoked, userData
+    changes), its referenceId with that request's outcome, and errors.
+
+    \b
+    Example:
+      workitem-store history 03W0GH2KD56YV000
+      workitem-store history 03W0GH2KD56YV000 --csv > trail.csv
+    """
+    with db.snapshot(_query_engine()) as conn:
+        trail = audit.history(conn, workitem_id)
+    if not trail:
+        raise click.ClickException(f"no log row mentions workitem {workitem_id!r}")
+    table = [{
+        "seq": e["seq"], "received_at": f"{e['received_at']:%Y-%m-%d %H:%M:%S.%f}", "source": e["source"],
+        "type": e["notification_type"] or "", "status": e["status"],
+        "state": f"{e['state_from'] or '-'} -> {e['state_to']}" if e["state_to"] else "",
+        "granted": ",".join(e["capabilities_granted"]), "revoked": ",".join(e["capabilities_revoked"]),
+        "request": f"{e['reference_id']} {e['request_outcome'] or ''}" if e["reference_id"] else "",
+        "error": " ".join(str(v) for v in (e["error_code"], e["error_message"]) if v is not None),
+        "userData": _compact(e["user_data_changes"]),
+    } for e in trail]
+    _emit_rows(trail, fmt, table)
+
+
+@main.command()
+@click.argument("workitem_id")
+@click.option("--as-of", "as_of", metavar="TIMESTAMP", help="ISO-8601 instant (UTC unless it has an offset).")
+@click.option("--seq", type=click.IntRange(min=0), help="Log position: the log cut at this seq.")
+@_output_options
+@db_option
+def state(workitem_id, as_of, seq, fmt):
+    """A workitem as it stood at a moment (--as-of) or log position (--seq), from the log alone.
+
+    Replays the log rows about the workitem with the projections' rules: the same row the
+    workitems table held then, plus the capabilities open at that point and since which seq.
+
+    \b
+    Example:
+      workitem-store state 03W0GH2KD56YV000 --as-of 2026-11-02T10:42:00Z
+      workitem-store state 03W0GH2KD56YV000 --seq 1500 --json
+    """
+    from .notifications import parse_timestamp
+
+    if (as_of is None) == (seq is None):
+        raise click.UsageError("give exactly one of --as-of TIMESTAMP or --seq N")
+    try:
+        at = parse_timestamp(as_of) if as_of is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--as-of") from exc
+    with db.snapshot(_query_engine()) as conn:
+        found = audit.state(conn, workitem_id, upto_seq=seq, as_of=at)
+    if found is None:
+        when = f"at seq {seq}" if seq is not None else f"as of {at.isoformat()}"
+        raise click.ClickException(f"workitem {workitem_id!r} was not known {when}")
+    if fmt:
+        _emit_rows([found], fmt)
+    else:
+        from tabulate import tabulate
+
+        click.echo(tabulate([(k, _compact(v) if isinstance(v, (dict, list)) else v) for k, v in found.items()],
+                            headers=["column", "value"]))
+
+
+DEMO_QUERIES = {
+    "workitems by state": "SELECT state, COUNT(*) AS workitems FROM workitems GROUP BY state ORDER BY 2 DESC",
+    "failed requests by error code": (
+        "SELECT error_code, COUNT(*) AS requests FROM request_outcomes WHERE outcome = 'failed' "
+        "GROUP BY error_code ORDER BY 2 DESC"),
+    "most frequent transitions": (
+        "SELECT from_state, to_state, COUNT(*) AS n FROM workitem_transitions "
+        "GROUP BY from_state, to_state ORDER BY 3 DESC LIMIT 5"),
+}
+
+
+@main.command()
+@click.option("--events", type=click.IntRange(min=1), default=20_000, show_default=True,
+              help="Number of simulated notifications to import.")
+@click.option("--agents", type=click.IntRange(min=1), default=20, show_default=True, help="Number of agents (sources).")
+@db_option
+def demo(events, agents):
+    """Simulate a day of notifications, import them, verify the store and show some answers.
+
+    Uses the same database as every command (--db, $WORKITEM_STORE_URL, else workitems.db);
+    each run adds a new stream (a new seed).
+
+    \b
+    Example:
+      workitem-store demo --events 5000
+    """
+    import tempfile
+
+    from sqlalchemy import func, select, text
+
+    from .schema import imported_files
+
+    engine = _engine()
+    with engine.connect() as conn:
+        seed = 1 + conn.execute(select(func.count()).select_from(imported_files)).scalar_one()
+    click.echo(f"database: {engine.url.render_as_string(hide_password=True)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"demo-stream-{seed}.jsonl"
+        lines = simulate_lines(events, agents=agents, seed=seed, noise_rate=0.002)
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        click.echo(f"simulated {events} notifications from {agents} agents (seed {seed})")
+        with _progress_bar(path.stat().st_size, "B", path.name) as bar:
+            result = files.import_file(engine, path, progress=bar.update)
+    click.echo(f"imported: {result.appended} appended, {result.duplicates} duplicate, "
+               f"{result.quarantined} quarantined")
+    projected = runner.project(engine)
+    click.echo(f"projected up to seq {projected.to_seq}")
+    with db.snapshot(engine) as conn:
+        report = verify_mod.verify(conn)
+        click.echo(f"verify: chain {'ok' if report.chain_break is None else 'BROKEN'}, projections "
+                   f"{'equal a rebuild' if not report.differences else 'DIFFER'}; chain head {report.head_hash}")
+        for title, sql in DEMO_QUERIES.items():
+            click.echo(f"\n-- {title}\n{sql};")
+            for row in conn.execute(text(sql)):
+                click.echo("   " + " | ".join("" if v is None else str(v) for v in row))
+    shell = f"sqlite3 {engine.url.database}" if engine.dialect.name == "sqlite" else "psql"
+    click.echo(f"\nQuery it yourself with {shell} (every table: docs/SQL.md), or run `workitem-store status`.")
 
 
 @main.command()

@@ -100,6 +100,21 @@ def write_transaction(engine: Engine):
 
 
 @contextlib.contextmanager
+def snapshot(engine: Engine):
+    """A read-only view of one consistent moment, for reports that run several queries.
+
+    PostgreSQL: REPEATABLE READ (its default READ COMMITTED gives each statement a new snapshot,
+    so a projector committing in between would make the checkpoint disagree with the table).
+    SQLite: any transaction already reads one snapshot of a WAL database.
+    """
+    with translate_errors(), engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+        with conn.begin():
+            yield conn
+
+
+@contextlib.contextmanager
 def translate_errors():
     """Driver errors become StoreError with the driver's own first line."""
     try:
@@ -218,6 +233,26 @@ def ensure_schema(engine: Engine) -> None:
             f"database schema is at revision {current}, this program needs {head_revision()}: "
             "run `workitem-store init` to upgrade it"
         )
+
+
+def open_reader(db: str | None = None) -> Engine:
+    """The engine of an existing store for commands that only read.
+
+    SQLite: the file opened read-only, so that no query can change it.  PostgreSQL: a normal
+    engine (grant a role SELECT only, with `workitem-store grant-readonly`, for people).
+    """
+    url = make_url(resolve_url(db))
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        if not Path(url.database).is_file():
+            raise StoreError(f"no database at {url.database}")
+        engine = open_engine(db, readonly=True)
+        with translate_errors(), engine.connect() as conn:
+            current = current_revision(conn)
+        if current != head_revision():
+            raise StoreError(f"{url.database} is not a workitem store at schema revision {head_revision()} "
+                             f"(found {current or 'no schema'}): run `workitem-store init`")
+        return engine
+    return open_store(db)
 
 
 def open_store(db: str | None = None) -> Engine:

@@ -154,7 +154,8 @@ class Event(NamedTuple):
     workitem: dict  # data.workitem, or {} when absent or not an object
 
 
-def _event(row, data: dict) -> Event:
+def event_from_row(row, data: dict) -> Event:
+    """An Event from a row whose first six columns are Event's, and its message's data."""
     workitem = data.get("workitem")
     return Event(*row[:6], data, workitem if isinstance(workitem, dict) else {})
 
@@ -175,5 +176,5 @@ def read_events(conn: Connection, after_seq: int, upto_seq: int | None = None,
         rows = conn.execute(query.where(c.seq > after_seq)).all()
         if not rows:
             return
-        yield [_event(r, load_json(r[6])["data"]) for r in rows]
+        yield [event_from_row(r, load_json(r[6])["data"]) for r in rows]
         after_seq = rows[-1][0]

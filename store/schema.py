@@ -12,6 +12,7 @@ import datetime as dt
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Float,
     Column,
     DateTime,
     Index,
@@ -195,3 +196,28 @@ projection_checkpoints = Table(
 )
 
 PROJECTION_TABLES = (workitems, workitem_transitions, capability_history, request_outcomes)
+
+# -- views (created by migration 0002; declared here so code can query them with Core) --------
+# A MetaData of their own: autogenerate must not mistake them for missing tables.
+views_metadata = MetaData()
+
+workitem_state_durations = Table(
+    "workitem_state_durations", views_metadata,
+    Column("workitem_id", Text), Column("state", Text),
+    Column("entered_seq", BigInteger), Column("entered_at", UTCDateTime),
+    Column("left_seq", BigInteger), Column("left_at", UTCDateTime), Column("seconds", Float),
+)
+request_outcome_summary = Table(
+    "request_outcome_summary", views_metadata,
+    Column("source", Text), Column("hour", Text), Column("requests", Integer),
+    Column("failed", Integer), Column("failure_rate", Float),
+)
+capability_timeline = Table(
+    "capability_timeline", views_metadata,
+    Column("workitem_id", Text), Column("capability", Text),
+    Column("granted_seq", BigInteger), Column("granted_at", UTCDateTime),
+    Column("revoked_seq", BigInteger), Column("revoked_at", UTCDateTime),
+    Column("seconds", Float), Column("is_open", Integer),
+)
+
+VIEWS = (workitem_state_durations, request_outcome_summary, capability_timeline)

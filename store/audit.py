@@ -1,0 +1,131 @@
+"""Audit investigations from the log alone: one workitem's full trail, and its state at any moment.
+
+Both replay log rows through the projections' own rules (``store/projections``), so what they
+show is what the projections would have held at each seq.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import Connection, select, tuple_
+
+from .log import Event, event_from_row, load_json
+from .projections.capabilities import CapabilityHistory
+from .projections.requests import RequestOutcomes
+from .projections.workitems import Workitems
+from .schema import event_log
+
+_COLUMNS = (event_log.c.seq, event_log.c.received_at, event_log.c.source, event_log.c.notification_type,
+            event_log.c.workitem_id, event_log.c.reference_id, event_log.c.payload, event_log.c.duplicate_of,
+            event_log.c.quarantine_reason)
+
+
+def _rows_about(conn: Connection, workitem_id: str, upto_seq: int | None = None) -> list:
+    """Every log row naming the workitem, plus rows of the same requests ((source, referenceId))
+    that do not name it (an Error carrying only a referenceId), in seq order."""
+    c = event_log.c
+    own = conn.execute(select(*_COLUMNS).where(c.workitem_id == workitem_id).order_by(c.seq)).all()
+    requests = sorted({(r.source, r.reference_id) for r in own if r.reference_id is not None})
+    related = []
+    for i in range(0, len(requests), 500):
+        related += conn.execute(
+            select(*_COLUMNS)
+            .where(tuple_(c.source, c.reference_id).in_(requests[i : i + 500]), c.workitem_id.is_(None))
+        ).all()
+    rows = sorted(own + related, key=lambda r: r.seq)
+    return [r for r in rows if upto_seq is None or r.seq <= upto_seq]
+
+
+def _event(row) -> Event | None:
+    """The projectable event of a log row, or None for a duplicate or quarantined row."""
+    if row.duplicate_of is not None or row.quarantine_reason is not None:
+        return None
+    return event_from_row(row, load_json(row.payload)["data"])
+
+
+def _user_data_changes(before: Any, after: Any) -> dict | None:
+    if before == after:
+        return None
+    before = before if isinstance(before, dict) else {}
+    after = after if isinstance(after, dict) else {}
+    changes = {
+        "added": {k: after[k] for k in after.keys() - before.keys()},
+        "changed": {k: [before[k], after[k]] for k in after.keys() & before.keys() if before[k] != after[k]},
+        "removed": sorted(before.keys() - after.keys()),
+    }
+    return {k: v for k, v in changes.items() if v}
+
+
+def history(conn: Connection, workitem_id: str) -> list[dict]:
+    """The audit trail: one entry per log row about the workitem, duplicates and quarantined
+    rows included, each with what it changed."""
+    rows = _rows_about(conn, workitem_id)
+    workitems, capabilities = Workitems(complete=True), CapabilityHistory(complete=True)
+    requests = RequestOutcomes(complete=True)
+    # The outcome of each request is known only after all of its rows: replay them first.
+    for row in rows:
+        event = _event(row)
+        if event is not None:
+            requests.apply(event)
+    trail = []
+    for row in rows:
+        entry: dict[str, Any] = {
+            "seq": row.seq, "received_at": row.received_at, "source": row.source,
+            "notification_type": row.notification_type, "reference_id": row.reference_id,
+            "status": "projected", "state_from": None, "state_to": None,
+            "capabilities_granted": [], "capabilities_revoked": [], "user_data_changes": None,
+            "request_outcome": None, "error_code": None, "error_message": None,
+        }
+        if row.duplicate_of is not None:
+            entry["status"] = f"duplicate of seq {row.duplicate_of}"
+        if row.quarantine_reason is not None:
+            entry["status"] = f"quarantined: {row.quarantine_reason}"
+        request = requests.state.get((row.source, row.reference_id))
+        if request is not None:
+            entry["request_outcome"] = request["outcome"]
+        event = _event(row)
+        if event is not None and event.workitem_id == workitem_id:
+            before = dict(workitems.state.get(workitem_id) or {})
+            open_before = set(capabilities.state.get(workitem_id, {}))
+            workitems.apply(event)
+            capabilities.apply(event)
+            after = workitems.state[workitem_id]
+            open_after = capabilities.state.get(workitem_id, {})
+            if after["state"] != before.get("state"):
+                entry["state_from"], entry["state_to"] = before.get("state"), after["state"]
+            entry["capabilities_granted"] = [cap for cap in open_after if cap not in open_before]
+            entry["capabilities_revoked"] = sorted(open_before.difference(open_after))
+            entry["user_data_changes"] = _user_data_changes(before.get("user_data"), after["user_data"])
+        if event is not None and event.notification_type == "Error":
+            entry["error_code"] = event.data.get("errorCode")
+            entry["error_message"] = event.data.get("errorMessage")
+        trail.append(entry)
+    return trail
+
+
+def state(conn: Connection, workitem_id: str, *, upto_seq: int | None = None,
+          as_of: dt.datetime | None = None) -> dict | None:
+    """The workitem's ``workitems`` row as the projection held it, from the log alone, with its
+    open capability intervals; None if the workitem was unknown then.
+
+    ``upto_seq``: the log cut at that seq.  ``as_of``: the rows received at or before that
+    instant (the same thing when, as with live ingest, rows arrive in time order; for imported
+    captures received_at is the original time while seq is the import order).
+    """
+    workitems, capabilities = Workitems(complete=True), CapabilityHistory(complete=True)
+    last_seq = 0
+    for row in _rows_about(conn, workitem_id, upto_seq):
+        if as_of is not None and row.received_at > as_of:
+            continue
+        event = _event(row)
+        if event is not None:
+            workitems.apply(event)
+            capabilities.apply(event)
+            last_seq = row.seq
+    found = workitems.state.get(workitem_id)
+    if found is None:
+        return None
+    return {**found, "last_applied_seq": last_seq,
+            "open_capabilities_since_seq": dict(capabilities.state.get(workitem_id, {}))}
