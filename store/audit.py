@@ -11,7 +11,8 @@ from typing import Any
 
 from sqlalchemy import Connection, select, tuple_
 
-from .log import Event, event_from_row, load_json
+from .log import Event, event_from_row
+from .notifications import as_text, load_json
 from .projections.capabilities import CapabilityHistory
 from .projections.requests import RequestOutcomes
 from .projections.workitems import Workitems
@@ -99,8 +100,8 @@ def history(conn: Connection, workitem_id: str) -> list[dict]:
             entry["capabilities_revoked"] = sorted(open_before.difference(open_after))
             entry["user_data_changes"] = _user_data_changes(before.get("user_data"), after["user_data"])
         if event is not None and event.notification_type == "Error":
-            entry["error_code"] = event.data.get("errorCode")
-            entry["error_message"] = event.data.get("errorMessage")
+            entry["error_code"] = as_text(event.data.get("errorCode"))
+            entry["error_message"] = as_text(event.data.get("errorMessage"))
         trail.append(entry)
     return trail
 

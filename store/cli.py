@@ -120,32 +120,41 @@ def import_(paths, source, again, no_project, as_json):
       cat more.jsonl | workitem-store import - --source agent7
     """
     engine = _engine()
-    summaries = []
-    for path in paths:
-        if path == "-":
-            with _progress_bar(None, "B", "stdin") as bar:
-                result = files.import_stream(engine, sys.stdin.buffer, file_name="stdin",
-                                             source=source or "stdin", progress=bar.update)
-        else:
-            p = Path(path)
-            if not p.is_file():
-                raise click.ClickException(f"{path}: no such file")
-            with _progress_bar(p.stat().st_size, "B", p.name) as bar:
-                result = files.import_file(engine, p, source=source, again=again, progress=bar.update)
-        summaries.append(result)
-        if not as_json:
-            seqs = f" (seq {result.first_seq}-{result.last_seq})" if result.first_seq else ""
-            click.echo(f"{result.file_name}: {result.appended} appended{seqs}, "
-                       f"{result.duplicates} duplicate, {result.quarantined} quarantined"
-                       + (f", {result.blank} blank lines skipped" if result.blank else ""))
-            for reason, n in sorted(result.reasons.items(), key=lambda kv: -kv[1]):
-                click.echo(f"  quarantined {n}: {reason}")
-    projected = None if no_project else runner.project(engine)
+    summaries, projected = [], None
+    try:
+        for path in paths:
+            summaries.append(_import_one(engine, path, source, again))
+            if not as_json:
+                _print_import(summaries[-1])
+    finally:
+        if summaries and not no_project:  # what did get in is projected even if a later file failed
+            projected = runner.project(engine)
     if as_json:
         _echo_json({"imports": [vars(s) for s in summaries],
                     "projected": vars(projected) if projected else None})
     elif projected:
         click.echo(f"projections up to date at seq {projected.to_seq} ({projected.applied} events applied)")
+
+
+def _import_one(engine, path: str, source: str | None, again: bool) -> files.ImportResult:
+    if path == "-":
+        with _progress_bar(None, "B", "stdin") as bar:
+            return files.import_stream(engine, sys.stdin.buffer, file_name="stdin",
+                                       source=source or "stdin", progress=bar.update)
+    p = Path(path)
+    if not p.is_file():
+        raise click.ClickException(f"{path}: no such file")
+    with _progress_bar(p.stat().st_size, "B", p.name) as bar:
+        return files.import_file(engine, p, source=source, again=again, progress=bar.update)
+
+
+def _print_import(result: files.ImportResult) -> None:
+    seqs = f" (seq {result.first_seq}-{result.last_seq})" if result.first_seq else ""
+    click.echo(f"{result.file_name}: {result.appended} appended{seqs}, "
+               f"{result.duplicates} duplicate, {result.quarantined} quarantined"
+               + (f", {result.blank} blank lines skipped" if result.blank else ""))
+    for reason, n in sorted(result.reasons.items(), key=lambda kv: -kv[1]):
+        click.echo(f"  quarantined {n}: {reason}")
 
 
 def _project_progress(desc: str):
@@ -207,7 +216,7 @@ def status(as_json):
     Example:
       workitem-store status --json
     """
-    with db.snapshot(_engine()) as conn:
+    with db.snapshot(_query_engine()) as conn:
         info = status_mod.status(conn)
     if as_json:
         _echo_json(info)
@@ -236,7 +245,7 @@ def verify(as_json):
     Example:
       workitem-store verify
     """
-    with db.snapshot(_engine()) as conn:
+    with db.snapshot(_query_engine()) as conn:
         report = verify_mod.verify(conn)
     if as_json:
         _echo_json({"ok": report.ok, "rows": report.rows, "head_seq": report.head_seq,
@@ -273,7 +282,7 @@ def export_(output, after_seq, upto_seq):
     Example:
       workitem-store export -o backup.jsonl
     """
-    with db.snapshot(_engine()) as conn, click.open_file(output, "w", encoding="utf-8") as out:
+    with db.snapshot(_query_engine()) as conn, click.open_file(output, "w", encoding="utf-8") as out:
         for line in export.export_lines(conn, after_seq, upto_seq):
             out.write(line + "\n")
 
@@ -416,6 +425,59 @@ def state(workitem_id, as_of, seq, fmt):
 
         click.echo(tabulate([(k, _compact(v) if isinstance(v, (dict, list)) else v) for k, v in found.items()],
                             headers=["column", "value"]))
+
+
+@main.command()
+@click.argument("sql")
+@click.option("--csv", "fmt", flag_value="csv", help="Print CSV.")
+@click.option("--json", "fmt", flag_value="json", help="Print a JSON array of objects.")
+@db_option
+def query(sql, fmt):
+    """Run one read-only SQL query and print its rows (a table, --csv or --json).
+
+    SQLite files are opened read-only: a query cannot change the store.  On a SQLite file the
+    same is also at hand with sqlite-utils, e.g. `sqlite-utils query workitems.db "..." --csv`.
+
+    \b
+    Example:
+      workitem-store query "SELECT state, COUNT(*) AS n FROM workitems GROUP BY state" --csv
+    """
+    with db.snapshot(_query_engine()) as conn:
+        rows = db.run_sql(conn, sql)
+    _emit_rows(rows, fmt)
+
+
+@main.command("grant-readonly")
+@click.argument("role")
+@click.option("--password-env", metavar="VAR", help="Environment variable holding the role's password "
+                                                     "(the role can then log in).")
+@click.option("--login", is_flag=True, help="Let the role log in (implied by --password-env); "
+                                            "otherwise a new role cannot and an existing one keeps what it had.")
+@click.option("--with-log", is_flag=True, help="Also let the role read event_log and imported_files "
+                                                "(auditors running history/state/verify need them).")
+@db_option
+def grant_readonly(role, password_env, login, with_log):
+    """PostgreSQL: create (or update) ROLE that can only SELECT the projections and views.
+
+    For SQLite there is nothing to grant: query commands open the file read-only.
+
+    \b
+    Example:
+      ANALYST_PW=... workitem-store grant-readonly analyst --password-env ANALYST_PW \\
+          --db postgresql://postgres@db:5432/workitems
+    """
+    import os
+
+    password = None
+    if password_env:
+        password = os.environ.get(password_env)
+        if not password:
+            raise click.ClickException(f"environment variable {password_env} is not set or empty")
+    engine = _engine()
+    if engine.dialect.name != "postgresql":
+        raise click.ClickException("grant-readonly is for PostgreSQL; SQLite query commands open the file read-only")
+    granted = db.grant_readonly(engine, role, password=password, login=login, with_log=with_log)
+    click.echo(f"role {role} may SELECT: {', '.join(granted)}; it cannot write")
 
 
 DEMO_QUERIES = {

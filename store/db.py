@@ -10,6 +10,7 @@ import contextlib
 import gc
 import operator
 import os
+import sys
 from pathlib import Path
 
 from alembic import command
@@ -114,6 +115,21 @@ def snapshot(engine: Engine):
             yield conn
 
 
+def run_sql(conn: Connection, sql: str) -> list[dict]:
+    """Run SQL exactly as written (no ":name" or "%" placeholder parsing); its rows as dicts."""
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute(sql)
+        if cursor.description is None:
+            return []
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise StoreError(f"database error: {str(exc).strip().splitlines()[0]}") from exc
+    finally:
+        cursor.close()
+
+
 @contextlib.contextmanager
 def translate_errors():
     """Driver errors become StoreError with the driver's own first line."""
@@ -122,6 +138,37 @@ def translate_errors():
     except DBAPIError as exc:
         detail = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         raise StoreError(f"database error: {detail}") from exc
+
+
+def grant_readonly(engine: Engine, role: str, *, password: str | None = None, login: bool = False,
+                   with_log: bool = False) -> list[str]:
+    """PostgreSQL: make ``role`` exist and able to SELECT the projections and views, nothing else.
+
+    Returns the relations granted (projection_checkpoints and alembic_version too: status and
+    every command's schema check read them).
+    The password is never printed; a server that logs statements logs it, as for any ALTER ROLE.
+    """
+    from .schema import PROJECTION_TABLES, VIEWS, event_log, imported_files, projection_checkpoints
+
+    relations = [t.name for t in (*PROJECTION_TABLES, *VIEWS, projection_checkpoints)] + ["alembic_version"]
+    if with_log:
+        relations += [event_log.name, imported_files.name]
+    with write_transaction(engine) as conn:
+        quote = conn.dialect.identifier_preparer.quote
+        exists = conn.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": role}).first()
+        can_login = "LOGIN" if login or password else ("" if exists else "NOLOGIN")
+        conn.execute(text(f"{'ALTER' if exists else 'CREATE'} ROLE {quote(role)} "
+                          f"{can_login} NOSUPERUSER NOCREATEDB NOCREATEROLE"))
+        if password:
+            # ALTER ROLE takes no bind parameters: let the server quote the literal.
+            literal = conn.execute(text("SELECT quote_literal(:p)"), {"p": password}).scalar_one()
+            conn.execute(text(f"ALTER ROLE {quote(role)} PASSWORD {literal}"))
+        database = conn.execute(text("SELECT current_database()")).scalar_one()
+        conn.execute(text(f"GRANT CONNECT ON DATABASE {quote(database)} TO {quote(role)}"))
+        conn.execute(text(f"GRANT USAGE ON SCHEMA public TO {quote(role)}"))
+        conn.execute(text(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {quote(role)}"))
+        conn.execute(text(f"GRANT SELECT ON {', '.join(map(quote, relations))} TO {quote(role)}"))
+    return relations
 
 
 # -- bulk writes -------------------------------------------------------------------------------
@@ -236,23 +283,22 @@ def ensure_schema(engine: Engine) -> None:
 
 
 def open_reader(db: str | None = None) -> Engine:
-    """The engine of an existing store for commands that only read.
+    """The engine of a store for commands that only read.
 
-    SQLite: the file opened read-only, so that no query can change it.  PostgreSQL: a normal
-    engine (grant a role SELECT only, with `workitem-store grant-readonly`, for people).
+    SQLite: the file opened read-only, so that no query can change it (an empty or missing file
+    first gets the schema, like with every command).  PostgreSQL: a normal engine; give people
+    a role that can only read (`workitem-store grant-readonly`).
     """
     url = make_url(resolve_url(db))
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        if not Path(url.database).is_file():
-            raise StoreError(f"no database at {url.database}")
-        engine = open_engine(db, readonly=True)
-        with translate_errors(), engine.connect() as conn:
-            current = current_revision(conn)
-        if current != head_revision():
-            raise StoreError(f"{url.database} is not a workitem store at schema revision {head_revision()} "
-                             f"(found {current or 'no schema'}): run `workitem-store init`")
-        return engine
-    return open_store(db)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return open_store(db)
+    if not Path(url.database).exists():
+        # Like every command, a new database gets the schema; say so, it may be a mistyped path.
+        print(f"note: {url.database} did not exist: created an empty store", file=sys.stderr)
+    writer = open_engine(db)
+    ensure_schema(writer)
+    writer.dispose()
+    return open_engine(db, readonly=True)
 
 
 def open_store(db: str | None = None) -> Engine:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from sqlalchemy import Connection, select
 
 from .schema import event_log
-from .notifications import envelope_line, utc_text, parse_line
+from .notifications import envelope_line, parse_line, utc_text
 
 # Quarantine reasons whose payload is the whole input line rather than a message.
 LINE_REASONS = ("not JSON", "not a JSON object", "not UTF-8", "envelope")
@@ -33,12 +33,11 @@ def export_lines(conn: Connection, after_seq: int = 0, upto_seq: int | None = No
         rows = conn.execute(query.where(c.seq > after_seq)).all()
         if not rows:
             return
-        for seq, received_at, source, payload, reason in rows:
+        for _seq, received_at, source, payload, reason in rows:
             # A message line with whitespace around it is also carried whole: embedded as a
             # message, the whitespace would not be part of the payload read back.
             if (reason or "").startswith(LINE_REASONS) or payload != payload.strip(_JSON_WS):
-                stamp = received_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-                entry = {"received_at": stamp, "source": source, "line": payload}
+                entry = {"received_at": utc_text(received_at), "source": source, "line": payload}
                 if reason and parse_line(payload).quarantine_reason != reason:
                     entry["quarantine_reason"] = reason  # decided on the raw bytes (not UTF-8, NUL)
                 yield json.dumps(entry)

@@ -1,6 +1,6 @@
 """From a raw input line to a typed notification, and the rules that quarantine one.
 
-Pure functions, no database.  Three line shapes are accepted (see docs/INPUT.md):
+Pure functions, no database.  Three line shapes are accepted (see docs/RULES.md):
 
 1. an envelope ``{"received_at": ..., "source": ..., "message": <Bayeux message>}`` (or, for a row
    whose payload is a whole input line that was not a message, ``"line": "<that line>"``);
@@ -139,12 +139,29 @@ def _storable(value: Any) -> bool:
     return True
 
 
+# orjson reads integers of more than 64 bits as floats (silently rounding ids): any run of 19
+# digits sends a text to the standard library's exact decoder instead.
+_LONG_DIGITS = re.compile(r"[0-9]{19}")
+
+
+def load_json(text: str) -> Any:
+    """Decode stored JSON (a payload): orjson, 3x faster, where it is exact; else json."""
+    if _LONG_DIGITS.search(text) is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
+
+
 def parse_line(line: str) -> Notification:
     """Classify one input line (without its line terminator)."""
+    if _LONG_DIGITS.search(line) is not None:
+        return _parse_line_exactly(line)
     try:
         parsed = orjson.loads(line)
     except orjson.JSONDecodeError:
-        return _parse_line_exactly(line)  # what orjson refuses, json may accept (NaN, big ints)
+        return _parse_line_exactly(line)  # the exact path words the error, or accepts what orjson refuses
     if not isinstance(parsed, dict):
         return _unreadable(line, "not a JSON object")
     if "\\u" in line and not _storable(parsed):

@@ -52,7 +52,8 @@ def decode_line(raw: bytes) -> Notification | None:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        text = raw.decode("utf-8", "backslashreplace")
+        # Kept as text with the bad bytes (and any NUL, which PostgreSQL text refuses) escaped.
+        text = raw.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
         return parse_line_as_text(text, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
     if "\x00" in line:
         # A NUL cannot be stored in a PostgreSQL text column, and is never valid JSON.
@@ -72,10 +73,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def previous_imports(engine: Engine, sha256: str) -> list[dict]:
-    with engine.connect() as conn:
-        rows = conn.execute(select(imported_files).where(imported_files.c.sha256 == sha256))
-        return [dict(r._mapping) for r in rows]
+def _refuse_if_imported(conn, sha256: str, file_name: str) -> None:
+    first = conn.execute(
+        select(imported_files).where(imported_files.c.sha256 == sha256).order_by(imported_files.c.id).limit(1)
+    ).first()
+    if first is not None:
+        raise AlreadyImported(
+            f"{file_name} was already imported (same sha256 {sha256[:12]}…) as {first.file_name!r} "
+            f"at {first.imported_at:%Y-%m-%d %H:%M:%S} UTC, {first.rows} rows; "
+            "use --again to import it once more"
+        )
 
 
 def _batches(stream: BinaryIO, digest) -> Iterator[list[bytes]]:
@@ -91,15 +98,21 @@ def _batches(stream: BinaryIO, digest) -> Iterator[list[bytes]]:
 
 
 def import_stream(engine: Engine, stream: BinaryIO, *, file_name: str, source: str,
-                  progress: Callable[[int], None] | None = None) -> ImportResult:
+                  progress: Callable[[int], None] | None = None,
+                  refuse_sha256: str | None = None) -> ImportResult:
     """Append every line of ``stream`` in one transaction and record the import.
 
     Lines without an envelope get ``source`` and the time they were read as ``received_at``.
-    ``progress`` is called with the bytes consumed by each batch.
+    ``progress`` is called with the bytes consumed by each batch.  ``refuse_sha256``: raise
+    AlreadyImported if a file with that content was imported before (checked with the log's
+    write lock held, so two concurrent imports of one file cannot both pass).
     """
     result = ImportResult(file_name)
     digest = hashlib.sha256()
     with write_transaction(engine) as conn, collections_postponed():
+        if refuse_sha256 is not None:
+            log.lock_for_append(conn)
+            _refuse_if_imported(conn, refuse_sha256, file_name)
         for raw_lines in _batches(stream, digest):
             received_at = dt.datetime.now(dt.timezone.utc)
             batch = []
@@ -137,18 +150,9 @@ def import_file(engine: Engine, path: Path, *, source: str | None = None, again:
         sha256 = file_sha256(path)
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
-    if not again:
-        earlier = previous_imports(engine, sha256)
-        if earlier:
-            first = earlier[0]
-            raise AlreadyImported(
-                f"{path} was already imported (same sha256 {sha256[:12]}…) as {first['file_name']!r} "
-                f"at {first['imported_at']:%Y-%m-%d %H:%M:%S} UTC, {first['rows']} rows; "
-                "use --again to import it once more"
-            )
     with path.open("rb") as stream:
-        return import_stream(engine, stream, file_name=path.name,
-                             source=source or f"file:{path.name}", progress=progress)
+        return import_stream(engine, stream, file_name=path.name, source=source or f"file:{path.name}",
+                             progress=progress, refuse_sha256=None if again else sha256)
 
 
 def import_lines(engine: Engine, lines: Iterable[str], *, source: str, file_name: str = "lines") -> ImportResult:

@@ -1,0 +1,291 @@
+"""The ``workitem-store`` command line, on both engines."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import create_engine, func, select, text
+
+from helpers import bare, bayeux, data, envelope, at, fresh_url, log_rows, projection_snapshot, table_rows
+from store.cli import main
+from store.db import head_revision, open_store
+from store.projections import PROJECTIONS
+from store.schema import event_log, imported_files, workitems
+
+
+def run(*args, input=None, env=None, ok=True):
+    result = CliRunner().invoke(main, [str(a) for a in args], input=input, env=env, catch_exceptions=False)
+    if ok is not None:
+        assert (result.exit_code == 0) == ok, (result.exit_code, result.output)
+    return result
+
+
+def write(path: Path, lines) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+LINES = [
+    bayeux(data("StatusChange", "W1", state="Invited", caps=["Accept"], ref=1), mid="1"),
+    bayeux(data("StatusChange", "W1", state="Processing", caps=["Complete"], ref=2), mid="2"),
+    bayeux(data("StatusChange", "W1", state="Invited", ref=1), mid="1"),  # duplicate
+    "garbage",  # quarantined
+    bare(data("Deleted", "W1")),  # quarantined
+    bare(data("Error", "W2", ref=3, code=500, message="timeout")),
+]
+
+
+def count(url: str, table=event_log) -> int:
+    engine = open_store(url)
+    with engine.connect() as conn:
+        n = conn.execute(select(func.count()).select_from(table)).scalar_one()
+    engine.dispose()
+    return n
+
+
+def test_import_reports_counts_and_exits_0_with_quarantined_lines(db_url, tmp_path):
+    path = write(tmp_path / "capture.jsonl", LINES)
+    result = run("import", path, "--db", db_url)
+    assert "capture.jsonl: 6 appended (seq 1-6), 1 duplicate, 2 quarantined" in result.output
+    assert "projections up to date at seq 6" in result.output
+    engine = open_store(db_url)
+    with engine.connect() as conn:
+        rows = log_rows(conn)
+        assert {r["source"] for r in rows} == {"file:capture.jsonl"}
+        assert [w["state"] for w in table_rows(conn, workitems)] == ["Processing", None]
+    engine.dispose()
+
+
+def test_importing_the_same_file_again_is_refused_unless_again(db_url, tmp_path):
+    path = write(tmp_path / "capture.jsonl", LINES)
+    run("import", path, "--db", db_url)
+    copy = write(tmp_path / "renamed.jsonl", LINES)  # same content under another name
+    for target in (path, copy):
+        result = run("import", target, "--db", db_url, ok=False)
+        assert result.exit_code != 0
+        assert "already imported" in result.output and "--again" in result.output
+    assert count(db_url) == 6 and count(db_url, imported_files) == 1
+    result = run("import", "--again", path, "--db", db_url)
+    assert "6 appended (seq 7-12), 3 duplicate, 2 quarantined" in result.output  # ids 1, 2, 1: same source
+    assert count(db_url) == 12 and count(db_url, imported_files) == 2
+
+
+def test_import_of_missing_or_unreadable_input_fails(db_url, tmp_path):
+    for bad in (tmp_path / "missing.jsonl", tmp_path):
+        result = run("import", bad, "--db", db_url, ok=False)
+        assert result.exit_code != 0 and str(bad) in result.output
+    if sys.platform.startswith("linux"):
+        # A regular file whose reading fails (EIO), whoever runs the test (root reads chmod 000 files).
+        result = run("import", "/proc/self/mem", "--db", db_url, ok=False)
+        assert result.exit_code != 0 and "cannot read" in result.output
+    assert count(db_url) == 0
+
+
+def test_import_from_stdin(db_url):
+    result = run("import", "-", "--db", db_url, input="\n".join(LINES[:2]) + "\n")
+    assert "stdin: 2 appended" in result.output
+    run("import", "-", "--source", "agent-9", "--db", db_url, input=LINES[5] + "\n")
+    engine = open_store(db_url)
+    with engine.connect() as conn:
+        assert [r["source"] for r in log_rows(conn)] == ["stdin", "stdin", "agent-9"]
+        assert [f["file_name"] for f in table_rows(conn, imported_files)] == ["stdin", "stdin"]
+    engine.dispose()
+
+
+def test_import_json_summary(db_url, tmp_path):
+    result = run("import", "--json", write(tmp_path / "a.jsonl", LINES), "--db", db_url)
+    summary = json.loads(result.output)
+    (imp,) = summary["imports"]
+    assert (imp["appended"], imp["duplicates"], imp["quarantined"], imp["first_seq"], imp["last_seq"]) == (6, 1, 2, 1, 6)
+    assert summary["projected"]["to_seq"] == 6
+
+
+def test_no_project_then_project_then_rebuild(db_url, tmp_path):
+    run("import", "--no-project", write(tmp_path / "a.jsonl", LINES), "--db", db_url)
+    status = json.loads(run("status", "--json", "--db", db_url).output)
+    assert status["tables"]["workitems"] == 0
+    assert {c["lag"] for c in status["checkpoints"]} == {6}
+    result = run("project", "--db", db_url)
+    assert re.search(r"applied 3 events, seq 0 -> 6", result.output), result.output
+    assert "applied 0 events, seq 6 -> 6" in run("project", "--db", db_url).output
+    engine = open_store(db_url)
+    with engine.connect() as conn:
+        projected = projection_snapshot(conn)
+    assert len(projected["workitems"]) == 2
+    result = run("rebuild", "--db", db_url)
+    assert "rebuilt" in result.output and "log head seq 6" in result.output
+    with engine.connect() as conn:
+        assert projection_snapshot(conn) == projected
+    engine.dispose()
+
+
+def test_status_json(db_url, tmp_path):
+    run("import", write(tmp_path / "a.jsonl", LINES), "--db", db_url)
+    run("import", "--no-project", "-", "--db", db_url, input=LINES[5] + "\n")
+    status = json.loads(run("status", "--json", "--db", db_url).output)
+    e = status["event_log"]
+    assert (e["rows"], e["duplicates"], e["quarantined"], e["head_seq"]) == (7, 1, 2, 7)
+    engine = open_store(db_url)
+    with engine.connect() as conn:
+        head_hash = conn.execute(select(event_log.c.chain_hash).where(event_log.c.seq == 7)).scalar_one()
+    engine.dispose()
+    assert e["chain_head"] == head_hash
+    assert sum(e["quarantine_reasons"].values()) == 2
+    assert status["tables"] == {"event_log": 7, "imported_files": 2, "workitems": 2, "workitem_transitions": 2,
+                                "capability_history": 2, "request_outcomes": 3}
+    assert {c["projection"]: (c["last_seq"], c["lag"], c["version"]) for c in status["checkpoints"]} == {
+        cls.name: (6, 1, cls.version) for cls in PROJECTIONS}
+    text_out = run("status", "--db", db_url).output
+    assert "event_log: 7 rows, 1 duplicate, 2 quarantined" in text_out and head_hash in text_out
+
+
+# -- verify ----------------------------------------------------------------------------------------
+
+def _tamper(url: str, statement: str) -> None:
+    """Run SQL on the log behind the store's back, with the append-only triggers out of the way."""
+    if url.startswith("sqlite"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+        conn.execute("DROP TRIGGER IF EXISTS event_log_no_update")
+        conn.execute("DROP TRIGGER IF EXISTS event_log_no_delete")
+        conn.execute(statement)
+        conn.commit()
+        conn.close()
+    else:
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE event_log DISABLE TRIGGER USER"))
+            conn.execute(text(statement))
+        engine.dispose()
+
+
+@pytest.fixture
+def imported(db_url, tmp_path):
+    run("import", write(tmp_path / "a.jsonl", LINES), "--db", db_url)
+    result = run("verify", "--db", db_url)
+    assert "chain ok: 6 rows, head seq 6" in result.output
+    assert "projections ok" in result.output
+    return db_url
+
+
+def test_verify_detects_an_altered_payload(imported):
+    _tamper(imported, "UPDATE event_log SET payload = replace(payload, 'Processing', 'Completed') WHERE seq = 2")
+    result = run("verify", "--db", imported, ok=False)
+    assert result.exit_code == 1
+    assert "chain BROKEN at seq 2: payload_sha256" in result.output
+
+
+def test_verify_detects_a_rewritten_row_with_a_matching_payload_hash(imported):
+    forged = LINES[1].replace("Processing", "Completed")
+    digest = hashlib.sha256(forged.encode()).hexdigest()
+    _tamper(imported, f"UPDATE event_log SET payload = '{forged}', payload_sha256 = '{digest}' WHERE seq = 2")
+    report = json.loads(run("verify", "--json", "--db", imported, ok=False).output)
+    assert report["ok"] is False
+    assert (report["chain_break"]["seq"], report["chain_break"]["what"]) == (2, "chain_hash")
+
+
+def test_verify_detects_a_deleted_row(imported):
+    _tamper(imported, "DELETE FROM event_log WHERE seq = 3")
+    result = run("verify", "--db", imported, ok=False)
+    assert "chain BROKEN at seq 3: seq" in result.output
+
+
+def test_verify_detects_an_altered_projection(imported):
+    engine = open_store(imported)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE workitems SET state = 'Completed' WHERE workitem_id = 'W1'"))
+    engine.dispose()
+    result = run("verify", "--db", imported, ok=False)
+    assert result.exit_code == 1
+    assert "chain ok" in result.output and "workitems DIFFERS" in result.output
+    run("rebuild", "--db", imported)
+    run("verify", "--db", imported)
+
+
+# -- export / import --------------------------------------------------------------------------------
+
+def test_export_then_import_into_an_empty_database(db_url, tmp_path):
+    kind = "sqlite" if db_url.startswith("sqlite") else "postgresql"
+    run("import", write(tmp_path / "a.jsonl", LINES), "--db", db_url)
+    sim = tmp_path / "sim.jsonl"
+    run("simulate", "--events", 300, "--agents", 3, "--noise-rate", 0.05, "--duplicate-rate", 0.05, "-o", sim)
+    run("import", sim, "--db", db_url)
+    run("import", "-", "--db", db_url, input="\n".join([
+        envelope(bare(data("StatusChange", "W9", state="Invited")), "agent-x", at(7)),
+        "  " + bare(data("PropertiesUpdated", "W9", caps=["A"])) + "  ",
+    ]) + "\n")
+    exported = tmp_path / "export.jsonl"
+    run("export", "-o", exported, "--db", db_url)
+    assert len(exported.read_text().splitlines()) == 308
+    partial = run("export", "--after-seq", 2, "--upto-seq", 4, "--db", db_url).output.splitlines()
+    assert len(partial) == 2 and partial == exported.read_text().splitlines()[2:4]
+    with fresh_url(kind) as copy_url:
+        run("import", exported, "--db", copy_url)
+        a, b = open_store(db_url), open_store(copy_url)
+        with a.connect() as ca, b.connect() as cb:
+            assert log_rows(cb) == log_rows(ca)
+            assert projection_snapshot(cb) == projection_snapshot(ca)
+        a.dispose(), b.dispose()
+        run("verify", "--db", copy_url)
+        assert run("export", "--db", copy_url).output == exported.read_text()
+
+
+# -- simulate ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["envelope", "bayeux", "bare"])
+def test_simulate_is_seeded_and_exact(fmt):
+    one = run("simulate", "--events", 250, "--seed", 3, "--format", fmt).output
+    two = run("simulate", "--events", 250, "--seed", 3, "--format", fmt).output
+    other = run("simulate", "--events", 250, "--seed", 4, "--format", fmt).output
+    assert one == two and one != other
+    lines = one.splitlines()
+    assert len(lines) == 250 and all(lines)
+    first = json.loads(lines[0])
+    key = {"envelope": "received_at", "bayeux": "channel", "bare": "data"}[fmt]
+    assert key in first
+    assert run("simulate", "--events", 0).output == ""
+    assert len(run("simulate", "--events", 1).output.splitlines()) == 1
+
+
+def test_simulated_noise_is_quarantined(tmp_path, db_url):
+    sim = tmp_path / "noisy.jsonl"
+    run("simulate", "--events", 400, "--noise-rate", 0.2, "--seed", 9, "-o", sim)
+    assert len(sim.read_text().splitlines()) == 400
+    summary = json.loads(run("import", "--json", sim, "--db", db_url).output)["imports"][0]
+    assert summary["appended"] == 400 and summary["quarantined"] > 20
+
+
+# -- choosing the database ----------------------------------------------------------------------
+
+def test_db_as_plain_path_env_var_and_group_option(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "plain.db"
+    run("status", "--db", path)  # a plain file path; the empty database is upgraded to head
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == (head_revision(),)
+    conn.close()
+    run("import", "-", "--db", "plain.db", input=LINES[0] + "\n")  # relative path
+    env_path = tmp_path / "env.db"
+    run("import", "-", input=LINES[0] + "\n", env={"WORKITEM_STORE_URL": f"sqlite:///{env_path}"})
+    run("--db", str(env_path), "import", "-", input=LINES[1] + "\n")  # --db before the command
+    assert count(f"sqlite:///{path}") == 1 and count(f"sqlite:///{env_path}") == 2
+    status = json.loads(run("status", "--json", env={"WORKITEM_STORE_URL": str(env_path)}).output)
+    assert status["event_log"]["rows"] == 2
+
+
+def test_init_creates_then_reports_the_schema(db_url):
+    assert "was empty" in run("init", "--db", db_url).output
+    out = run("init", "--db", db_url).output
+    assert f"schema at revision {head_revision()}" in out and "was" not in out
+
+
+def test_bad_database_url_is_a_clear_error():
+    result = run("status", "--db", "nosuchdialect://x/y", ok=False)
+    assert result.exit_code != 0 and "nosuchdialect" in result.output
+    assert "Traceback" not in result.output
