@@ -178,11 +178,15 @@ def test_sql_example_runs_through_query_command(demo_store, block: SqlBlock):
 
 # -- (b) CLI.md --------------------------------------------------------------------------------
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("gen_cli_docs", ROOT / "scripts" / "gen_cli_docs.py")
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _generator():
+    return _load_script("gen_cli_docs")
 
 
 def _all_commands(group: click.Group, prefix: str = "workitem-store") -> list[str]:
@@ -324,3 +328,21 @@ def test_documented_formula_reproduces_the_chain(demo_store):
                                               r.duplicate_of, r.quarantine_reason)
         assert prev_expected == r.chain_hash, f"seq {r.seq}"
         prev = r.chain_hash
+
+
+# -- (e) datasette/metadata.json ----------------------------------------------------------------
+
+def test_datasette_metadata_is_generated_from_sql_md():
+    generator = _load_script("gen_datasette_metadata")
+    assert (ROOT / "datasette" / "metadata.json").read_text(encoding="utf-8") == generator.render(), (
+        "datasette/metadata.json is out of date: run `.venv/bin/python scripts/gen_datasette_metadata.py`")
+
+
+def test_datasette_metadata_describes_every_table_view_and_column():
+    import json
+
+    described = json.loads((ROOT / "datasette" / "metadata.json").read_text())["databases"]["workitems"]["tables"]
+    for table in [*metadata.sorted_tables, *schema.views_metadata.sorted_tables]:
+        assert described[table.name]["description"], table.name
+        assert set(described[table.name]["columns"]) == {c.name for c in table.columns}, table.name
+        assert all(described[table.name]["columns"].values()), table.name
