@@ -238,8 +238,9 @@ def status(as_json):
 def verify(as_json):
     """Recompute the hash chain and compare every projection with a fresh rebuild.
 
-    Exits 1 on any difference: a broken chain link (first one: seq, expected, found) or a
-    projection row that a rebuild from the log would not produce.
+    Exits 1 on any difference: a broken chain link (first one: seq, expected, found), a row
+    whose extracted columns (channel, message_id, ..., reference_id) disagree with its payload,
+    or a projection row that a rebuild from the log would not produce.
 
     \b
     Example:
@@ -251,6 +252,7 @@ def verify(as_json):
         _echo_json({"ok": report.ok, "rows": report.rows, "head_seq": report.head_seq,
                     "chain_head": report.head_hash,
                     "chain_break": vars(report.chain_break) if report.chain_break else None,
+                    "column_mismatch": vars(report.column_mismatch) if report.column_mismatch else None,
                     "differences": report.differences})
     else:
         brk = report.chain_break
@@ -258,11 +260,16 @@ def verify(as_json):
             click.echo(f"chain BROKEN at seq {brk.seq}: {brk.what} expected {brk.expected}, found {brk.found}")
         else:
             click.echo(f"chain ok: {report.rows} rows, head seq {report.head_seq} {report.head_hash}")
+        bad = report.column_mismatch
+        if bad:
+            click.echo(f"event_log column {bad.what} at seq {bad.seq} DISAGREES with the payload: "
+                       f"expected {bad.expected}, found {bad.found}")
         for table, diff in report.differences.items():
             click.echo(f"{table} DIFFERS from a rebuild at seq {diff['checkpoint']}: "
                        f"{diff['missing']} rows missing, {diff['unexpected']} unexpected")
-            for example in diff["examples"]:
-                click.echo(f"  {example}")
+            for kind in ("missing", "unexpected"):
+                for example in diff[f"{kind}_examples"]:
+                    click.echo(f"  {kind}: {example}")
         if not report.differences:
             click.echo("projections ok: equal to a rebuild from the log")
     sys.exit(0 if report.ok else 1)

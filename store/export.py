@@ -8,10 +8,9 @@ from collections.abc import Iterator
 from sqlalchemy import Connection, select
 
 from .schema import event_log
-from .notifications import envelope_line, parse_line, utc_text
+from .notifications import LINE_REASONS, envelope_line, parse_line, utc_text
 
 # Quarantine reasons whose payload is the whole input line rather than a message.
-LINE_REASONS = ("not JSON", "not a JSON object", "not UTF-8", "envelope")
 _JSON_WS = " \t\r\n"
 
 

@@ -27,6 +27,10 @@ MESSAGE_TYPE = "WorkitemStateChangeMessage"
 STATUS_CHANGE, PROPERTIES_UPDATED, ERROR = "StatusChange", "PropertiesUpdated", "Error"
 NOTIFICATION_TYPES = (STATUS_CHANGE, PROPERTIES_UPDATED, ERROR)
 ENVELOPE_KEYS = ("received_at", "source", "message")
+# Quarantine reasons whose payload is the whole input line rather than a message.
+LINE_REASONS = ("not JSON", "not a JSON object", "not UTF-8", "envelope")
+# The event_log columns read out of a payload (besides the quarantine reason).
+EXTRACTED = ("channel", "message_id", "message_type", "notification_type", "workitem_id", "reference_id")
 
 
 def _no_constant(name: str):
@@ -229,6 +233,13 @@ def _envelope(line: str, envelope: dict, payload: str | None) -> Notification:
         # A reason decided on the raw bytes (not UTF-8, NUL), which the text cannot show again.
         inner = _unreadable(envelope["line"], reason)
     return replace(inner, received_at=inner.received_at or received_at, source=inner.source or source)
+
+
+def reclassify(payload: str, quarantine_reason: str | None) -> Notification:
+    """Classify a stored payload again, as it was classified when appended (for ``verify``)."""
+    if (quarantine_reason or "").startswith(LINE_REASONS):
+        return parse_line(payload)
+    return classify(payload, load_json(payload))
 
 
 def classify(payload: str, message: Any, received_at=None, source=None) -> Notification:

@@ -10,6 +10,7 @@ from decimal import Decimal
 from sqlalchemy import Connection, select
 
 from .log import GENESIS_HASH, chain_hash, payload_sha256
+from .notifications import EXTRACTED, reclassify
 from .projections import PROJECTIONS
 from .projections.runner import compute
 from .schema import event_log, projection_checkpoints
@@ -18,7 +19,7 @@ from .schema import event_log, projection_checkpoints
 @dataclass
 class ChainBreak:
     seq: int
-    what: str  # "seq" (a gap), "payload_sha256" or "chain_hash"
+    what: str  # "seq" (a gap), "payload_sha256", "chain_hash" or, for column_mismatch, the column
     expected: str
     found: str
 
@@ -29,19 +30,23 @@ class VerifyReport:
     head_seq: int = 0
     head_hash: str = GENESIS_HASH
     chain_break: ChainBreak | None = None
+    # The first row whose extracted columns (channel ... reference_id, not covered by the chain)
+    # disagree with its payload: what = the column.
+    column_mismatch: ChainBreak | None = None
     # table -> {"missing": rows a rebuild has that the table lacks, "unexpected": the reverse}
     differences: dict[str, dict] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return self.chain_break is None and not self.differences
+        return self.chain_break is None and self.column_mismatch is None and not self.differences
 
 
 def verify_chain(conn: Connection, report: VerifyReport, chunk: int = 10_000) -> None:
     """Recompute payload hashes and the chain from seq 1; stop at the first broken link."""
     c = event_log.c
     query = (select(c.seq, c.received_at, c.source, c.payload, c.payload_sha256, c.chain_hash,
-                    c.duplicate_of, c.quarantine_reason).order_by(c.seq).limit(chunk))
+                    c.duplicate_of, c.quarantine_reason, *(c[name] for name in EXTRACTED))
+             .order_by(c.seq).limit(chunk))
     prev, expected_seq = GENESIS_HASH, 1
     while True:
         rows = conn.execute(query.where(c.seq >= expected_seq)).all()
@@ -59,6 +64,13 @@ def verify_chain(conn: Connection, report: VerifyReport, chunk: int = 10_000) ->
             if link != r.chain_hash:
                 report.chain_break = ChainBreak(r.seq, "chain_hash", link, r.chain_hash)
                 return
+            if report.column_mismatch is None:
+                derived = reclassify(r.payload, r.quarantine_reason)
+                for name in EXTRACTED:
+                    if getattr(derived, name) != getattr(r, name):
+                        report.column_mismatch = ChainBreak(r.seq, name, str(getattr(derived, name)),
+                                                            str(getattr(r, name)))
+                        break
             prev, expected_seq = link, expected_seq + 1
             report.rows, report.head_seq, report.head_hash = report.rows + 1, r.seq, link
 
@@ -100,8 +112,9 @@ def compare_projections(conn: Connection, report: VerifyReport, examples: int = 
                 "checkpoint": upto,
                 "missing": sum(missing.values()),
                 "unexpected": sum(unexpected.values()),
-                "examples": [dict(zip(columns, map(str, row))) for row in list(missing)[:examples]]
-                + [dict(zip(columns, map(str, row))) for row in list(unexpected)[:examples]],
+                "missing_examples": [dict(zip(columns, map(str, row), strict=True)) for row in list(missing)[:examples]],
+                "unexpected_examples": [dict(zip(columns, map(str, row), strict=True))
+                                        for row in list(unexpected)[:examples]],
             }
 
 

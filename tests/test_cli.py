@@ -190,6 +190,15 @@ def test_verify_detects_a_rewritten_row_with_a_matching_payload_hash(imported):
     assert (report["chain_break"]["seq"], report["chain_break"]["what"]) == (2, "chain_hash")
 
 
+def test_verify_detects_an_extracted_column_that_disagrees_with_its_payload(imported):
+    # The chain covers the payload, not the columns read out of it: verify re-reads them.
+    _tamper(imported, "UPDATE event_log SET workitem_id = 'forged' WHERE seq = 2")
+    report = json.loads(run("verify", "--json", "--db", imported, ok=False).output)
+    assert report["chain_break"] is None
+    assert report["column_mismatch"]["seq"] == 2 and report["column_mismatch"]["what"] == "workitem_id"
+    assert report["column_mismatch"]["found"] == "forged"
+
+
 def test_verify_detects_a_deleted_row(imported):
     _tamper(imported, "DELETE FROM event_log WHERE seq = 3")
     result = run("verify", "--db", imported, ok=False)

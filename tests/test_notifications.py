@@ -175,3 +175,26 @@ def test_any_line_is_classified_and_what_is_kept_can_be_stored(line):
         if value is not None:
             assert "\x00" not in value
             value.encode("utf-8")  # no lone surrogates
+
+
+def test_integers_beyond_64_bits_stay_exact():
+    big = 2**70
+    line = bayeux(data("StatusChange", "W1", state="Invited", ref=big + 1), mid=None).replace(
+        '{"channel"', f'{{"id": {big}, "channel"', 1)
+    n = parse_line(line)
+    assert (n.message_id, n.reference_id) == (str(big), str(big + 1))
+    wrapped = parse_line(envelope(line, received_at="2026-11-02T08:00:00Z", source="s"))
+    assert (wrapped.message_id, wrapped.reference_id, wrapped.payload) == (str(big), str(big + 1), line)
+
+
+def test_bytes_not_utf8_with_nul_are_kept_storable():
+    n = decode_line(b"\xff\x00{}\n")
+    assert "\x00" not in n.payload and n.payload == "\\xff\\x00{}"
+    assert n.quarantine_reason.startswith("not UTF-8 text")
+
+
+def test_empty_capability_names_are_dropped_whatever_the_other_entries():
+    from store.projections.workitems import capability_list
+
+    assert capability_list(["", "Accept"]) == capability_list(["", "Accept", None]) == ["Accept"]
+    assert capability_list(["Accept", 5, "Accept"]) == ["Accept", "5"]
