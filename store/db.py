@@ -91,8 +91,8 @@ def _sqlite_engine(url, *, readonly: bool) -> Engine:
 def write_transaction(engine: Engine):
     """A transaction that will write the log or projections; writers run one at a time.
 
-    SQLite: BEGIN IMMEDIATE.  PostgreSQL: callers that allocate ``seq`` also lock the table
-    (see ``log.append``); projection writers serialise on a row lock of their checkpoints.
+    SQLite: BEGIN IMMEDIATE.  PostgreSQL: callers lock what they serialise on: appenders the
+    event_log table (``log.lock_for_append``), projectors projection_checkpoints (``runner``).
     """
     with translate_errors(), engine.connect() as conn:
         conn.info["write"] = True

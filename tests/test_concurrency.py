@@ -179,15 +179,19 @@ def test_second_appender_waits_for_the_first_on_postgresql(pg_url):
     # Readers are not blocked, and see neither the in-flight seq 4 nor anything after it.
     assert _committed(engine) == [1, 2, 3]
     assert not second.appended.is_set() and second.result is None
+    _release_and_check_both_committed_in_order(engine, release, first, second)
+    engine.dispose()
+
+
+def _release_and_check_both_committed_in_order(engine, release, first, second) -> None:
     release.set()
-    first.join(timeout=30)
-    second.join(timeout=30)
+    first.join(timeout=90)
+    second.join(timeout=90)
     assert first.error is None and second.error is None
     assert (first.result.first_seq, second.result.first_seq) == (4, 5)
     assert _committed(engine) == [1, 2, 3, 4, 5]
     with engine.connect() as conn:
         assert verify(conn).ok
-    engine.dispose()
 
 
 def test_uncommitted_append_is_invisible_and_blocks_other_writers(engine):
@@ -203,11 +207,4 @@ def test_uncommitted_append_is_invisible_and_blocks_other_writers(engine):
     # Whatever the second writer is doing, it cannot have committed past the open first one.
     assert _committed(engine) == [1, 2, 3]
     assert second.result is None
-    release.set()
-    first.join(timeout=90)
-    second.join(timeout=90)
-    assert first.error is None and second.error is None
-    assert (first.result.first_seq, second.result.first_seq) == (4, 5)
-    assert _committed(engine) == [1, 2, 3, 4, 5]
-    with engine.connect() as conn:
-        assert verify(conn).ok
+    _release_and_check_both_committed_in_order(engine, release, first, second)
