@@ -1,0 +1,427 @@
+"""A CometD (Bayeux 1.0) long-polling client on aiohttp that hands message batches to a callback.
+
+It knows nothing of the store: it handshakes (alone in its request), subscribes to the given
+channels, then keeps exactly one ``/meta/connect`` outstanding, following the server's advice
+(``interval`` and ``timeout`` are milliseconds; the latest advice replaces earlier advice).
+Each response's non-meta messages go, in the order received, to ``on_batch`` as a list of
+``(message, raw_text)``: ``raw_text`` is the exact text of that message in the response body
+(``raw_text.encode()`` gives its bytes back).
+
+With the ack extension (the server answers the handshake with ``ext.ack: true``) every connect
+reply numbers its batch in ``ext.ack``, and the next connect sends back the number of the last
+batch whose callback *returned*: a batch whose callback raised, or that never arrived, is sent
+again by the server (at least once; duplicates only for batches not acknowledged).
+
+Errors: a 402 error (whatever its text) or ``reconnect: handshake`` advice → handshake and
+subscribe again, never just retry; ``reconnect: none`` → stop (``BayeuxError``); transport
+errors, HTTP 5xx and unreadable responses → exponential backoff with full jitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import inspect
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Self
+
+import aiohttp
+from yarl import URL
+
+log = logging.getLogger(__name__)
+
+Message = tuple[dict[str, Any], str]
+OnBatch = Callable[[list[Message]], Awaitable[None]]
+# on_http_error(status, body) -> truthy to retry (after a backoff); may be a coroutine function.
+OnHttpError = Callable[[int, str], Any]
+
+_RETRYABLE_STATUS = {408, 429}
+
+
+class BayeuxError(Exception):
+    """The client cannot go on: reconnect advice ``none``, a refused subscription, an HTTP
+    error nobody asked to retry, or more consecutive failures than ``max_failures``."""
+
+
+class _Retry(Exception):
+    """A failure worth trying again after a backoff (transport, HTTP 5xx, callback failure)."""
+
+
+class _Rehandshake(Exception):
+    """The server no longer knows this client: handshake and subscribe again."""
+
+
+class _Stopped(Exception):
+    """stop() was called: end the loop before the next request."""
+
+
+@dataclass(frozen=True)
+class Advice:
+    """Bayeux advice; ``interval`` and ``timeout`` are milliseconds."""
+
+    reconnect: str = "retry"
+    interval: int = 0
+    timeout: int = 30_000
+
+    @classmethod
+    def from_message(cls, advice: Any) -> Advice | None:
+        """The advice a message carries, missing fields at their defaults (as CometD's own
+        clients do), or None when it carries none."""
+        if not isinstance(advice, dict):
+            return None
+        default = cls()
+        try:
+            return cls(str(advice.get("reconnect", default.reconnect)),
+                       int(advice.get("interval", default.interval)),
+                       int(advice.get("timeout", default.timeout)))
+        except (TypeError, ValueError):
+            return None  # malformed advice: keep the current one
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def split_messages(text: str) -> list[Message]:
+    """Parse a Bayeux response body (a JSON array of messages, or a single message) into
+    ``(message, raw_text)`` pairs, ``raw_text`` being the message's exact slice of ``text``.
+
+    Raises ValueError when the body is not that.
+    """
+    def skip(pos: int) -> int:
+        return _WHITESPACE.match(text, pos).end()
+
+    items: list[Message] = []
+    pos = skip(0)
+    if text.startswith("{", pos):  # the spec lets a server send one message bare
+        message, end = _DECODER.raw_decode(text, pos)
+        items.append((message, text[pos:end]))
+        pos = end
+    elif not text.startswith("[", pos):
+        raise ValueError("the response is not a JSON array")
+    elif text.startswith("]", pos := skip(pos + 1)):
+        pos += 1
+    else:
+        while True:
+            message, end = _DECODER.raw_decode(text, pos)
+            items.append((message, text[pos:end]))
+            pos = skip(end)
+            if text.startswith(",", pos):
+                pos = skip(pos + 1)
+            elif text.startswith("]", pos):
+                pos += 1
+                break
+            else:
+                raise ValueError(f"expected ',' or ']' at offset {pos}")
+    if skip(pos) != len(text):
+        raise ValueError(f"unexpected data at offset {pos}")
+    if not all(isinstance(message, dict) for message, _ in items):
+        raise ValueError("a message is not a JSON object")
+    return items
+
+
+def full_jitter(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Seconds to wait before retry number ``attempt`` (0-based): uniform in
+    [0, min(cap, base * 2**attempt)] ("full jitter": clients that failed together spread out)."""
+    return (rng or random).uniform(0.0, min(cap, base * 2.0 ** min(attempt, 60)))
+
+
+def _authorization(auth: aiohttp.BasicAuth | tuple[str, str] | None) -> str | None:
+    # The header is built here: aiohttp 3.14 deprecates its own ``auth=`` request argument.
+    if auth is None:
+        return None
+    if isinstance(auth, tuple):
+        return "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode("ascii")
+    return auth.encode()
+
+
+def _is_402(reply: dict) -> bool:
+    # Servers word it differently ("402::Unknown client", "402::session_unknown"): the code decides.
+    return str(reply.get("error") or "").startswith("402")
+
+
+class BayeuxClient:
+    """One Bayeux client session: ``async with BayeuxClient(...) as client: ...`` starts it in
+    the background and stops it on exit; or ``await client.run()`` in the foreground.
+
+    ``on_batch(messages)`` receives each response's non-meta messages; it should return only
+    once they are safe (committed): that is when their batch is acknowledged.
+
+    ``session``: an aiohttp.ClientSession to use (not closed here; give it a cookie jar with
+    ``unsafe=True`` for IP-address hosts); by default the client makes and closes its own, so
+    each client keeps its own cookies (BAYEUX_BROWSER, JSESSIONID).  ``auth`` (a BasicAuth or a
+    (login, password) pair) and ``headers()`` go on every request; ``on_http_error(status, body)`` sees every non-200 answer and returns truthy
+    to have the request retried after a backoff (e.g. once it has refreshed a CSRF token).
+
+    Counters, plain attributes for metrics: ``handshakes``, ``reconnects`` (sessions or
+    connections re-established after a loss), ``failures``, ``callback_failures``,
+    ``messages_received`` (redeliveries included), ``last_message_at`` (epoch seconds).
+    """
+
+    def __init__(self, url: str, channels: Sequence[str], on_batch: OnBatch, *,
+                 session: aiohttp.ClientSession | None = None,
+                 auth: aiohttp.BasicAuth | tuple[str, str] | None = None,
+                 headers: Callable[[], Mapping[str, str]] | None = None,
+                 on_http_error: OnHttpError | None = None,
+                 ack: bool = True, backoff_base: float = 0.5, backoff_cap: float = 30.0,
+                 max_failures: int | None = None, network_delay: float = 10.0,
+                 rng: random.Random | None = None):
+        self.url, self.channels, self._on_batch = url, list(channels), on_batch
+        self._where = str(URL(url).with_user(None))  # for logs: never credentials
+        self._session, self._owns_session = session, session is None
+        self._authorization = _authorization(auth)
+        self._headers, self._on_http_error = headers, on_http_error
+        self.ack, self.backoff_base, self.backoff_cap = ack, backoff_base, backoff_cap
+        self.max_failures, self.network_delay, self._rng = max_failures, network_delay, rng
+        self.advice = Advice()
+        self.client_id: str | None = None
+        self.ack_enabled = False
+        self.error: BaseException | None = None
+        self.handshakes = self.reconnects = self.failures = self.callback_failures = 0
+        self.messages_received = 0
+        self.last_message_at: float | None = None
+        self._acked = -1          # last batch handed safely to on_batch; -1: none yet (as CometD's AckExtension)
+        self._connected = False   # the last connect succeeded: the next one may be held by the server
+        self._recovering = False  # a loss happened since the last successful connect
+        self._next_id = 0
+        self._task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
+        self._waiting = False     # the loop is in an HTTP request, where stop() may cut in
+        self._answered_at = 0.0   # loop time the last response ended
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
+
+    def start(self) -> asyncio.Task:
+        """Run the client in a background task (idempotent); returns the task."""
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name=f"bayeux {self._where}")
+        return self._task
+
+    async def wait(self) -> None:
+        """Wait until the client ends; raises what ended it (BayeuxError), if anything."""
+        await self.start()
+
+    async def run(self) -> None:
+        """Handshake, subscribe and long-poll until ``stop()``; raises BayeuxError when the
+        client cannot go on."""
+        self._task = self._task or asyncio.current_task()
+        if self._session is None:
+            self._session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+        failures, need_handshake = 0, True
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if need_handshake:
+                        await self._handshake()
+                        await self._subscribe()
+                        need_handshake = False
+                    await self._connect()
+                    failures = 0
+                except (_Rehandshake, _Retry) as exc:
+                    rehandshake = isinstance(exc, _Rehandshake)
+                    need_handshake = need_handshake or rehandshake
+                    delay = self.advice.interval / 1000
+                    # Losing a live session is routine; anything else, including a session lost
+                    # again before its first successful connect, is a failure: back off.
+                    if not (rehandshake and self._connected):
+                        failures += 1
+                        self.failures += 1
+                        if self.max_failures is not None and failures > self.max_failures:
+                            raise BayeuxError(f"{failures} failures in a row, the last: {exc}") from exc
+                        delay = max(delay, full_jitter(failures - 1, self.backoff_base,
+                                                       self.backoff_cap, self._rng))
+                    self._connected, self._recovering = False, True
+                    log.warning("Bayeux %s: %s; %s in %.3f s", self._where, exc,
+                                "handshake again" if rehandshake else f"retry {failures}", delay)
+                    await self._pause(delay)
+        except (_Stopped, asyncio.CancelledError):
+            if not self._stopping.is_set():
+                raise
+            if asyncio.current_task().cancelling():
+                asyncio.current_task().uncancel()  # stop() cut a wait short: a normal end
+        except Exception as exc:
+            self.error = exc
+            log.error("Bayeux %s: client stopped: %s", self._where, exc)
+            raise
+        finally:
+            self._connected = False
+        log.info("Bayeux %s: client stopped", self._where)
+
+    async def stop(self) -> None:
+        """Stop: cut a pending long poll or pause short (a running callback finishes first),
+        send /meta/disconnect, close the HTTP session if the client made it.  Never raises
+        what ended the loop (see ``error`` and ``wait()``)."""
+        self._stopping.set()
+        task = self._task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            if self._waiting:
+                task.cancel()
+            await asyncio.wait([task])
+        if task is not None and task.done() and not task.cancelled():
+            task.exception()  # retrieved here, kept in self.error
+        if self.client_id is not None and self._session is not None and not self._session.closed:
+            client_id, self.client_id = self.client_id, None
+            try:
+                await self._post([self._message("/meta/disconnect", clientId=client_id)], self.network_delay)
+                log.info("Bayeux %s: disconnected", self._where)
+            except (_Retry, BayeuxError) as exc:
+                log.warning("Bayeux %s: disconnect failed: %s", self._where, exc)
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+
+    # -- the protocol ------------------------------------------------------------------------
+
+    def _message(self, channel: str, **fields: Any) -> dict[str, Any]:
+        self._next_id += 1
+        return {"channel": channel, "id": str(self._next_id), **fields}
+
+    async def _handshake(self) -> None:
+        self.client_id, self.ack_enabled, self._acked = None, False, -1
+        self.advice = Advice()  # a new session starts from default advice
+        message = self._message("/meta/handshake", version="1.0", minimumVersion="1.0",
+                                supportedConnectionTypes=["long-polling"])
+        if self.ack:
+            message["ext"] = {"ack": True}
+        [reply] = await self._exchange(message)  # alone in its request: servers refuse company
+        if not reply.get("successful"):
+            if self.advice.reconnect == "none":
+                raise BayeuxError(f"handshake refused: {reply.get('error')}")
+            raise _Retry(f"handshake unsuccessful: {reply.get('error')}")
+        self.client_id = str(reply["clientId"])
+        ext = reply.get("ext")
+        self.ack_enabled = self.ack and isinstance(ext, dict) and ext.get("ack") is True
+        self.handshakes += 1
+        log.info("Bayeux %s: handshake %d done (client %s..., ack extension %s)", self._where,
+                 self.handshakes, self.client_id[:8], "on" if self.ack_enabled else "off")
+
+    async def _subscribe(self) -> None:
+        messages = [self._message("/meta/subscribe", clientId=self.client_id, subscription=channel)
+                    for channel in self.channels]
+        replies = await self._exchange(*messages)
+        for message, reply in zip(messages, replies):
+            if not reply.get("successful"):
+                if _is_402(reply) or self.advice.reconnect == "handshake":
+                    raise _Rehandshake(reply.get("error"))
+                raise BayeuxError(f"subscription to {message['subscription']} refused: {reply.get('error')}")
+        log.info("Bayeux %s: subscribed to %s", self._where, ", ".join(self.channels))
+
+    async def _connect(self) -> None:
+        message = self._message("/meta/connect", clientId=self.client_id, connectionType="long-polling")
+        if not self._connected:
+            # As CometD's clients do: after a handshake or a failure the server answers at once
+            # (with fresh advice) instead of holding the request.
+            message["advice"] = {"timeout": 0}
+        if self.ack_enabled:
+            message["ext"] = {"ack": self._acked}
+        [reply] = await self._exchange(message, timeout=self.advice.timeout / 1000 + self.network_delay)
+        if not reply.get("successful"):
+            if _is_402(reply) or self.advice.reconnect == "handshake":
+                raise _Rehandshake(reply.get("error") or "reconnect advice: handshake")
+            if self.advice.reconnect == "none":
+                raise BayeuxError(f"connect refused: {reply.get('error')}")
+            raise _Retry(f"connect unsuccessful: {reply.get('error')}")
+        if self.advice.reconnect == "handshake":
+            raise _Rehandshake("reconnect advice: handshake")
+        if self.advice.reconnect == "none" or self.advice.interval < 0:
+            raise BayeuxError("the server advised not to reconnect")
+        if not self._connected:
+            log.info("Bayeux %s: connected", self._where)
+            self._connected = True
+        if self._recovering:
+            self.reconnects, self._recovering = self.reconnects + 1, False
+        # At least the advised interval between the end of a response and the next connect.
+        loop = asyncio.get_running_loop()
+        await self._pause(self._answered_at + self.advice.interval / 1000 - loop.time())
+
+    async def _exchange(self, *messages: dict, timeout: float | None = None) -> list[dict]:
+        """Send messages in one request, deliver the response's non-meta messages, take the
+        advice of the replies and return the reply to each message."""
+        if self._stopping.is_set():
+            raise _Stopped
+        received = await self._post(list(messages), timeout or self.network_delay)
+        replies = []
+        for message in messages:
+            reply = next((m for m, _ in received if m.get("channel") == message["channel"]
+                          and m.get("id", message["id"]) == message["id"]), None)
+            if reply is None:
+                raise _Retry(f"no reply to {message['channel']}")
+            advice = Advice.from_message(reply.get("advice"))
+            if advice is not None and advice != self.advice:
+                log.info("Bayeux %s: advice %s%s", self._where, advice,
+                         ", several clients share these cookies" if reply["advice"].get("multiple-clients") else "")
+                self.advice = advice
+            replies.append(reply)
+        batch = None
+        if self.ack_enabled and messages[0]["channel"] == "/meta/connect":
+            ext = replies[0].get("ext")
+            batch = ext.get("ack") if isinstance(ext, dict) else None
+            batch = batch if isinstance(batch, int) and not isinstance(batch, bool) else None
+        await self._deliver([(m, raw) for m, raw in received
+                             if not str(m.get("channel", "")).startswith("/meta/")], batch)
+        return replies
+
+    async def _deliver(self, batch: list[Message], number: int | None) -> None:
+        if batch:
+            self.messages_received += len(batch)
+            self.last_message_at = time.time()
+            try:
+                await self._on_batch(batch)
+            except Exception as exc:
+                self.callback_failures += 1
+                log.exception("Bayeux %s: on_batch failed for %d messages; %s", self._where, len(batch),
+                              "not acknowledged, the server will send them again" if number is not None
+                              else "no ack extension: the server will not send them again")
+                raise _Retry(f"on_batch failed: {exc!r}") from exc
+        if number is not None:
+            self._acked = number  # sent back with the next connect
+
+    async def _post(self, messages: list[dict], timeout: float) -> list[Message]:
+        """The one place requests are made: POST a JSON array, return the parsed response."""
+        headers = {"Content-Type": "application/json;charset=UTF-8"}
+        if self._authorization:
+            headers["Authorization"] = self._authorization
+        if self._headers is not None:
+            headers.update(self._headers())
+        self._waiting = True
+        try:
+            async with self._session.post(self.url, data=json.dumps(messages), headers=headers,
+                                          timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                status, body = response.status, await response.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self._waiting = False
+        self._answered_at = asyncio.get_running_loop().time()
+        if status != 200:
+            text = body.decode("utf-8", "replace")
+            retry = None
+            if self._on_http_error is not None:
+                retry = self._on_http_error(status, text)
+                if inspect.isawaitable(retry):
+                    retry = await retry
+            if retry or status >= 500 or status in _RETRYABLE_STATUS:
+                raise _Retry(f"HTTP {status}")
+            raise BayeuxError(f"HTTP {status} from {self._where}")
+        try:
+            return split_messages(body.decode("utf-8"))  # JSON is UTF-8 (RFC 8259)
+        except ValueError as exc:
+            raise _Retry(f"unreadable response: {exc}") from exc
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, unless stop() is called first."""
+        if seconds > 0 and not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), seconds)
+            except TimeoutError:
+                pass

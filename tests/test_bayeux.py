@@ -1,0 +1,571 @@
+"""The Bayeux client (store/ingest/bayeux.py) against the real CometD server for Node.
+
+tests/cometd/server.js runs npm ``cometd-nodejs-server`` (with its ack extension) on 127.0.0.1
+and adds a control API: publish, list sessions, read the traffic log with the server's own
+timestamps, expire a session, change a session's advice, lose a reply.  Tests synchronise on
+the callback (an asyncio.Condition) and on polling that API with a deadline, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import random
+import select
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
+
+from store.ingest.bayeux import BayeuxClient, BayeuxError, full_jitter, split_messages
+
+COMETD_DIR = Path(__file__).parent / "cometd"
+CHANNEL = "/v2/me/workitems"
+DEADLINE = 15.0  # seconds any single wait may take before the test fails
+
+
+# -- the server ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def node_modules():
+    """tests/cometd/node_modules, installed with `npm ci` once if missing."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        message = "node and npm are needed for the CometD server of tests/test_bayeux.py"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    if not (COMETD_DIR / "node_modules" / "cometd-nodejs-server").is_dir():
+        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=COMETD_DIR, check=False,
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            pytest.fail(f"npm ci in {COMETD_DIR} failed:\n{done.stdout}\n{done.stderr}")
+    return node
+
+
+class NodeServer:
+    """tests/cometd/server.js in a child process, on 127.0.0.1."""
+
+    def __init__(self, node: str, log_path: Path):
+        self.node, self.log_path, self.port, self.process = node, log_path, 0, None
+
+    def start(self) -> NodeServer:
+        with open(self.log_path, "ab") as stderr:
+            self.process = subprocess.Popen([self.node, "server.js", str(self.port)], cwd=COMETD_DIR,
+                                            stdout=subprocess.PIPE, stderr=stderr)
+        ready, _, _ = select.select([self.process.stdout], [], [], DEADLINE)
+        line = self.process.stdout.readline() if ready else b""
+        if not line:
+            self.stop()
+            raise RuntimeError(f"the CometD server did not start: see {self.log_path}")
+        self.port = json.loads(line)["port"]
+        deadline = time.monotonic() + DEADLINE
+        while True:  # it prints once listening; still, wait until it answers
+            try:
+                with urllib.request.urlopen(f"{self.base}/control/ping", timeout=1):
+                    return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.base}/api/v2/notifications"
+
+    def kill(self) -> None:
+        """Die at once, as a crash would: every session and queued message is gone."""
+        self.process.kill()
+        self.process.wait(5)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="session")
+def cometd(node_modules, tmp_path_factory):
+    server = NodeServer(node_modules, tmp_path_factory.mktemp("cometd") / "server.log").start()
+    yield server
+    server.stop()
+
+
+class Control:
+    """The server's control API."""
+
+    def __init__(self, server: NodeServer, http: aiohttp.ClientSession):
+        self.base, self.http = server.base, http
+
+    async def call(self, path: str, body: dict | None = None):
+        method = self.http.post if body is not None else self.http.get
+        async with method(f"{self.base}/control/{path}", json=body) as response:
+            assert response.status == 200, (path, response.status, await response.text())
+            return await response.json()
+
+    async def publish(self, data: list[dict], to: str | None = None):
+        return await self.call("publish", {"channel": CHANNEL, "data": data, "to": to})
+
+    async def traffic(self, client_id: str) -> list[dict]:
+        """The log entries of one client: requests that carry its clientId or replies naming it."""
+        def concerns(entry):
+            return any(m.get("clientId") == client_id for m in entry["messages"] + (entry["reply"] or []))
+        return [entry for entry in await self.call("log") if concerns(entry)]
+
+    async def wait_subscribed(self, client: BayeuxClient, not_id: str | None = None) -> str:
+        """Wait until the server holds a subscription for the client's (new) session."""
+        async def subscribed():
+            cid = client.client_id
+            if cid is None or cid == not_id:
+                return None
+            sessions = {s["id"]: s["subscriptions"] for s in await self.call("sessions")}
+            return cid if CHANNEL in sessions.get(cid, []) else None
+        return await eventually(subscribed, "the client to be subscribed")
+
+
+async def eventually(probe, what: str, deadline: float = DEADLINE):
+    """Poll ``probe()`` until it returns something truthy; fail after ``deadline`` seconds."""
+    end = time.monotonic() + deadline
+    while not (result := await probe()):
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+    return result
+
+
+# -- the callback ----------------------------------------------------------------------------------
+
+def notification(ref: int, tag: str = "w") -> dict:
+    """A GWS WorkitemStateChangeMessage ``data``; ``referenceId`` numbers it within a test."""
+    return {"messageType": "WorkitemStateChangeMessage", "notificationType": "StatusChange",
+            "referenceId": ref,
+            "workitem": {"id": f"{tag}-{ref}", "workitemType": "Email", "state": "Invited",
+                         "capabilities": ["Accept", "Reject"],
+                         "userData": {"Subject": f"Rückerstattung ✓ «{ref}»", "Note": "a \"quoted\" ]},["}}}
+
+
+class Recorder:
+    """The on_batch callback: records each attempt, commits unless ``fail(batch)`` says no."""
+
+    def __init__(self, fail=lambda batch: False):
+        self.fail, self.attempts, self.committed = fail, [], []
+        self.changed = asyncio.Condition()
+
+    async def __call__(self, batch):
+        self.attempts.append(batch)
+        if self.fail(batch):
+            raise RuntimeError("the store could not commit")
+        async with self.changed:
+            self.committed.extend(batch)
+            self.changed.notify_all()
+
+    async def wait_for(self, count: int) -> None:
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(lambda: len(self.committed) >= count), DEADLINE)
+
+    def refs(self, batches=None) -> list[int]:
+        items = self.committed if batches is None else [m for b in batches for m in b]
+        return [message["data"]["referenceId"] for message, _ in items]
+
+
+def client_for(server: NodeServer, recorder: Recorder, **options) -> BayeuxClient:
+    options = {"backoff_base": 0.02, "backoff_cap": 0.2, **options}
+    return BayeuxClient(server.url, [CHANNEL], recorder, **options)
+
+
+def connects(traffic: list[dict]) -> list[dict]:
+    """The answered /meta/connect requests (one cut short by stop() is never answered)."""
+    return [e for e in traffic if e["reply"] is not None
+            and any(m["channel"] == "/meta/connect" for m in e["messages"])]
+
+
+def connect_reply(entry: dict) -> dict:
+    return next(m for m in entry["reply"] or [] if m["channel"] == "/meta/connect")
+
+
+def events(entry: dict) -> list[dict]:
+    return [m for m in entry["reply"] or [] if not m["channel"].startswith("/meta/")]
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 45))
+
+
+# -- pure parts ------------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=10)
+
+
+@given(st.lists(st.dictionaries(st.text(max_size=5), json_values, max_size=4), max_size=5),
+       st.sampled_from([None, 0, 2]), st.sampled_from([(",", ":"), (", ", ": ")]),
+       st.booleans())
+def test_split_messages_slices_each_message_exactly(messages, indent, separators, ascii_only):
+    text = json.dumps(messages, indent=indent, separators=separators, ensure_ascii=ascii_only)
+    items = split_messages(f" \n{text}\r\n")
+    assert [m for m, _ in items] == messages
+    pos = 0
+    for message, raw in items:  # each raw text is the message's own slice, in order
+        assert json.loads(raw) == message
+        start = text.index(raw, pos)
+        assert text[pos:start].strip(" \n\r\t[,") == ""
+        pos = start + len(raw)
+
+
+def test_split_messages_refuses_what_is_not_a_message_array():
+    assert split_messages('{"channel": "/a"}') == [({"channel": "/a"}, '{"channel": "/a"}')]
+    for bad in ["", "[", "[1]", '[{"a": 1}] x', '[{"a": 1} {"b": 2}]', '[{"a": 1},]', "null"]:
+        with pytest.raises(ValueError):
+            split_messages(bad)
+
+
+def test_full_jitter_grows_exponentially_up_to_the_cap():
+    rng = random.Random(1)
+    for attempt in range(12):
+        delays = [full_jitter(attempt, 0.1, 2.0, rng) for _ in range(200)]
+        assert 0 <= min(delays) and max(delays) <= min(2.0, 0.1 * 2 ** attempt)
+    assert max(full_jitter(1000, 0.1, 2.0, rng) for _ in range(50)) <= 2.0
+
+
+# -- against the real server -----------------------------------------------------------------------
+
+def test_handshake_subscribe_connect_and_ordered_delivery(cometd):
+    async def main():
+        recorder = Recorder()
+        async with aiohttp.ClientSession() as http:
+            control = Control(cometd, http)
+            async with client_for(cometd, recorder) as client:
+                cid = await control.wait_subscribed(client)
+                for start in (0, 10, 20):  # broadcasts, spread over several connect replies
+                    await control.publish([notification(i) for i in range(start, start + 10)])
+                await recorder.wait_for(30)
+            traffic = await control.traffic(cid)
+            sessions = await control.call("sessions")
+        return recorder, client, cid, traffic, sessions
+
+    recorder, client, cid, traffic, sessions = run(main())
+    assert recorder.refs() == list(range(30))
+    for message, raw in recorder.committed:
+        assert json.loads(raw) == message and message["channel"] == CHANNEL
+        assert "id" not in message and "clientId" not in message  # broadcasts carry neither
+        assert message["data"] == notification(message["data"]["referenceId"])
+    assert (client.handshakes, client.messages_received, client.failures) == (1, 30, 0)
+    assert client.last_message_at is not None and client.ack_enabled
+
+    handshake, subscribe, *rest = traffic
+    [hs] = handshake["messages"]  # alone in its request
+    assert hs["version"] == "1.0" and hs["minimumVersion"] == "1.0"
+    assert hs["supportedConnectionTypes"] == ["long-polling"] and hs["ext"] == {"ack": True}
+    assert handshake["reply"][0]["ext"] == {"ack": True}
+    assert [m["subscription"] for m in subscribe["messages"]] == [CHANNEL]
+    polls = connects(rest)
+    assert all(m["connectionType"] == "long-polling" for e in polls for m in e["messages"])
+    assert all(connect_reply(e)["successful"] for e in polls)  # the cookie was kept (IP host)
+    for before, after in itertools.pairwise(polls):  # one outstanding connect at a time
+        assert after["tIn"] >= before["tEnd"]
+    # The ack extension: each connect acknowledges the batch of the previous reply.
+    acks = [e["messages"][0]["ext"]["ack"] for e in polls]
+    batches = [connect_reply(e)["ext"]["ack"] for e in polls]
+    assert acks[0] == -1 and acks[1:] == batches[:-1]
+    assert acks == sorted(set(acks))
+    assert rest[-1]["messages"][0]["channel"] == "/meta/disconnect"
+    assert cid not in {s["id"] for s in sessions}
+
+
+def test_twenty_clients_each_receive_their_own(cometd):
+    async def main():
+        recorders = [Recorder() for _ in range(20)]
+        clients = [client_for(cometd, r) for r in recorders]
+        async with aiohttp.ClientSession() as http:
+            control = Control(cometd, http)
+            for client in clients:
+                client.start()
+            cids = await asyncio.gather(*(control.wait_subscribed(c) for c in clients))
+            for start in (0, 5):
+                await asyncio.gather(*(control.publish([notification(i, f"c{n}") for i in range(start, start + 5)],
+                                                       to=cid) for n, cid in enumerate(cids)))
+            await asyncio.gather(*(r.wait_for(10) for r in recorders))
+            await asyncio.gather(*(c.stop() for c in clients))
+            traffic = [await control.traffic(cid) for cid in cids]
+        return recorders, traffic
+
+    recorders, traffic = run(main())
+    for n, recorder in enumerate(recorders):
+        assert recorder.refs() == list(range(10))
+        assert {m["data"]["workitem"]["id"].split("-")[0] for m, _ in recorder.committed} == {f"c{n}"}
+        assert "id" not in recorder.committed[0][0]
+    for entries in traffic:  # each client kept its own BAYEUX_BROWSER cookie
+        assert not any("multiple-clients" in (connect_reply(e).get("advice") or {}) for e in connects(entries))
+
+
+@pytest.mark.parametrize("how", ["expire", "java-402", "advice-handshake"])
+def test_lost_session_means_handshake_again(cometd, how):
+    async def main():
+        recorder = Recorder()
+        async with aiohttp.ClientSession() as http:
+            control = Control(cometd, http)
+            async with client_for(cometd, recorder) as client:
+                old = await control.wait_subscribed(client)
+                await control.publish([notification(i) for i in range(3)], to=old)
+                await recorder.wait_for(3)
+                if how == "java-402":
+                    await control.call("java-402", {"clientId": old})
+                if how == "advice-handshake":
+                    await control.call("advice", {"clientId": old, "advice": {"reconnect": "handshake"}})
+                else:
+                    await control.call("expire", {"clientId": old})
+                new = await control.wait_subscribed(client, not_id=old)
+                await control.publish([notification(i) for i in range(3, 6)], to=new)
+                await recorder.wait_for(6)
+            return recorder, client, await control.traffic(old), await control.traffic(new)
+
+    recorder, client, old_traffic, new_traffic = run(main())
+    assert recorder.refs() == list(range(6))
+    assert client.handshakes == 2 and client.reconnects >= 1
+    last = connect_reply(connects(old_traffic)[-1])  # the old session's last word, then no retry
+    if how == "advice-handshake":
+        assert last["successful"] and last["advice"]["reconnect"] == "handshake"
+    elif how == "java-402":
+        assert last["error"] == "402::Unknown client" and "advice" not in last
+    else:
+        assert last["error"] == "402::session_unknown" and last["advice"]["reconnect"] == "handshake"
+    assert len(new_traffic[0]["messages"]) == 1 and new_traffic[0]["messages"][0]["channel"] == "/meta/handshake"
+    assert new_traffic[0]["tIn"] >= connects(old_traffic)[-1]["tEnd"]
+    assert new_traffic[1]["messages"][0]["subscription"] == CHANNEL
+    assert connects(new_traffic)[0]["messages"][0]["ext"]["ack"] == -1  # a new session, new batches
+
+
+def test_reconnect_none_stops_the_client(cometd):
+    async def main():
+        async with aiohttp.ClientSession() as http:
+            control = Control(cometd, http)
+            client = client_for(cometd, Recorder())
+            client.start()
+            cid = await control.wait_subscribed(client)
+            await control.call("advice", {"clientId": cid, "advice": {"reconnect": "none"}})
+            with pytest.raises(BayeuxError, match="not to reconnect"):
+                await asyncio.wait_for(client.wait(), DEADLINE)
+            await client.stop()
+            return client, await control.traffic(cid)
+
+    client, traffic = run(main())
+    assert isinstance(client.error, BayeuxError) and client.handshakes == 1
+    assert connect_reply(connects(traffic)[-1])["advice"]["reconnect"] == "none"
+    assert traffic[-1]["messages"][0]["channel"] == "/meta/disconnect"
+
+
+def test_advice_interval_is_milliseconds_and_the_latest_advice_wins(cometd):
+    async def main():
+        recorder = Recorder()
+        async with aiohttp.ClientSession() as http:
+            control = Control(cometd, http)
+            async with client_for(cometd, recorder) as client:
+                cid = await control.wait_subscribed(client)
+                ref = 0
+                for interval, count in ((600, 3), (50, 4)):
+                    await control.call("advice", {"clientId": cid, "advice": {"interval": interval}})
+                    for _ in range(count):  # each message wakes a held connect: no waiting for timeouts
+                        await control.publish([notification(ref)], to=cid)
+                        ref += 1
+                        await recorder.wait_for(ref)
+            return recorder, await control.traffic(cid)
+
+    recorder, traffic = run(main())
+    assert recorder.refs() == list(range(7))
+    gaps: dict[int, list[float]] = {600: [], 50: []}
+    interval = 0
+    for before, after in itertools.pairwise(connects(traffic)):
+        interval = (connect_reply(before).get("advice") or {}).get("interval", interval)
+        gap = after["tIn"] - before["tEnd"]  # server clock: response written -> next connect read
+        assert interval <= gap < interval + 1000, (interval, gap)  # milliseconds, not seconds
+        gaps.setdefault(interval, []).append(gap)
+    assert len(gaps[600]) >= 3 and len(gaps[50]) >= 3
+    assert max(gaps[50]) < 600  # the newer advice replaced the older
+
+
+def test_failed_callback_means_no_ack_and_redelivery(cometd):
+    failed = set()
+
+    def fail_once_on_5(batch):
+        if any(m["data"]["referenceId"] == 5 for m, _ in batch) and 5 not in failed:
+            failed.add(5)
+            return True
+        return False
+
+    async def main():
+        recorder = Recorder(fail_once_on_5)
+        async with aiohttp.ClientSession() as http:
+            control = Control(cometd, http)
+            async with client_for(cometd, recorder) as client:
+                cid = await control.wait_subscribed(client)
+                await control.publish([notification(i) for i in range(5)], to=cid)
+                await recorder.wait_for(5)
+                await control.publish([notification(i) for i in range(5, 10)], to=cid)
+                await recorder.wait_for(10)
+            return recorder, client, await control.traffic(cid)
+
+    recorder, client, traffic = run(main())
+    assert recorder.refs() == list(range(10))  # committed exactly once, in order
+    assert recorder.refs(recorder.attempts).count(5) == 2 and client.callback_failures == 1
+    polls = connects(traffic)
+    acks = [e["messages"][0]["ext"]["ack"] for e in polls]
+    assert acks == sorted(acks) and len(set(acks)) == len(acks) - 1  # one ack was held back
+    held = next(i for i in range(1, len(acks)) if acks[i] == acks[i - 1])
+    assert 5 in [m["data"]["referenceId"] for m in events(polls[held - 1])]  # sent, not acked,
+    assert 5 in [m["data"]["referenceId"] for m in events(polls[held])]      # so sent again
+
+
+def test_lost_reply_and_server_restart(node_modules, tmp_path):
+    server = NodeServer(node_modules, tmp_path / "server.log").start()
+    try:
+        async def main():
+            recorder = Recorder()
+            async with aiohttp.ClientSession() as http:
+                control = Control(server, http)
+                async with client_for(server, recorder) as client:
+                    old = await control.wait_subscribed(client)
+                    await control.publish([notification(i) for i in range(5)])
+                    await recorder.wait_for(5)
+                    # A reply lost on the way: never acknowledged, so sent again.
+                    await control.call("drop-next-reply", {"clientId": old})
+                    await control.publish([notification(i) for i in range(5, 10)], to=old)
+                    await recorder.wait_for(10)
+                    before = await control.traffic(old)
+                    server.kill()  # a crash: the sessions die with the process
+                    await eventually(lambda: asyncio.sleep(0, client.failures > 0), "a failed connect")
+                    server.start()  # same port
+                    new = await control.wait_subscribed(client, not_id=old)
+                    await control.publish([notification(i) for i in range(10, 15)])
+                    await recorder.wait_for(15)
+                    after = await control.call("log")
+            return recorder, client, before, after, old, new
+
+        recorder, client, before, after, old, new = run(main())
+    finally:
+        server.stop()
+    assert recorder.refs() == list(range(15))  # every message committed exactly once, in order
+    assert client.handshakes == 2 and client.reconnects >= 2
+    polls = connects(before)
+    lost = next(i for i, e in enumerate(polls) if e["dropped"])
+    assert [m["data"]["referenceId"] for m in events(polls[lost])] == list(range(5, 10))
+    resent = polls[lost + 1]
+    assert resent["messages"][0]["ext"]["ack"] < connect_reply(polls[lost])["ext"]["ack"]
+    assert [m["data"]["referenceId"] for m in events(resent)] == list(range(5, 10))
+    # The restarted server: the old session is unknown (402), so handshake alone, subscribe,
+    # then connect with the acks of the new session (not the old numbers).
+    first_402 = next(i for i, e in enumerate(after) if e["messages"][0].get("clientId") == old)
+    assert connect_reply(after[first_402])["error"] == "402::session_unknown"
+    handshake = next(e for e in after[first_402:] if e["messages"][0]["channel"] == "/meta/handshake")
+    assert len(handshake["messages"]) == 1 and handshake["reply"][0]["clientId"] == new
+    assert not any(m.get("clientId") == old for e in after[after.index(handshake):] for m in e["messages"])
+    assert next(e for e in connects(after) if e["messages"][0]["clientId"] == new)["messages"][0]["ext"]["ack"] == -1
+
+
+def test_backoff_on_a_dead_port_is_bounded_and_stops(caplog):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api/v2/notifications"
+
+    async def main():
+        started = time.monotonic()
+        client = BayeuxClient(url, [CHANNEL], Recorder(), backoff_base=0.01, backoff_cap=0.05,
+                              max_failures=5, rng=random.Random(3))
+        with pytest.raises(BayeuxError, match="6 failures in a row"):
+            async with client:
+                await client.wait()
+        given_up_after = time.monotonic() - started
+        forever = BayeuxClient(url, [CHANNEL], Recorder(), backoff_base=0.01, backoff_cap=0.05)
+        forever.start()
+        await eventually(lambda: asyncio.sleep(0, forever.failures >= 3), "three failures")
+        started = time.monotonic()
+        await forever.stop()
+        return client, given_up_after, forever, time.monotonic() - started
+
+    with caplog.at_level(logging.WARNING, logger="store.ingest.bayeux"):
+        client, given_up_after, forever, stop_took = run(main())
+    assert client.failures == 6 and client.handshakes == 0 and given_up_after < 5
+    delays = [float(r.getMessage().rsplit(" in ", 1)[1].split()[0]) for r in caplog.records
+              if "retry" in r.getMessage()]
+    assert delays and max(delays) <= 0.05
+    assert forever.error is None and forever._task.done() and stop_took < 1
+
+
+def test_auth_headers_and_http_error_hooks(caplog):
+    """GWS style: Basic auth on every request, a CSRF header the hook fetches after a 403, a 503
+    retried after a backoff; an injected HTTP session is used and left open."""
+    seen, errors, token, answers = [], [], {}, [web.Response(status=503, text="busy")]
+    release = asyncio.Event()
+
+    async def bayeux(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        if answers:
+            return answers.pop()
+        if request.headers.get("X-CSRF-TOKEN") != "t0k3n":
+            return web.Response(status=403, text="Missing or invalid Csrf token")
+        [message] = await request.json()
+        reply = {"channel": message["channel"], "id": message["id"], "successful": True}
+        if message["channel"] == "/meta/handshake":
+            reply |= {"clientId": "c1", "version": "1.0", "supportedConnectionTypes": ["long-polling"]}
+        if message["channel"] == "/meta/connect":
+            if message.get("advice") != {"timeout": 0}:
+                await release.wait()  # a held long poll, until the client stops
+            return web.json_response([{"channel": CHANNEL, "data": notification(0)}, reply])
+        return web.json_response([reply])
+
+    async def on_http_error(status, body):
+        errors.append((status, body))
+        if status == 403:
+            token["X-CSRF-TOKEN"] = "t0k3n"  # as a GET /api/v2/me would tell
+            return True
+        return False
+
+    async def main():
+        app = web.Application()
+        app.router.add_post("/api/v2/notifications", bayeux)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/api/v2/notifications"
+        recorder = Recorder()
+        try:
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+                async with BayeuxClient(url, [CHANNEL], recorder, session=http, auth=("agent", "s3cret"),
+                                        headers=lambda: dict(token), on_http_error=on_http_error,
+                                        backoff_base=0.01, backoff_cap=0.05) as client:
+                    await recorder.wait_for(1)
+                assert not http.closed
+        finally:
+            release.set()
+            await runner.cleanup()
+        return recorder, client
+
+    with caplog.at_level(logging.DEBUG, logger="store.ingest.bayeux"):
+        recorder, client = run(main())
+    assert errors == [(503, "busy"), (403, "Missing or invalid Csrf token")]
+    assert recorder.refs() == [0] and client.handshakes == 1 and not client.ack_enabled
+    assert client.failures == 2
+    assert set(seen) == {"Basic YWdlbnQ6czNjcmV0"}  # agent:s3cret, on every request
+    assert caplog.records and not any("s3cret" in r.getMessage() or "YWdlbnQ6czNjcmV0" in r.getMessage()
+                                      for r in caplog.records)
