@@ -23,20 +23,25 @@ _COLUMNS = (event_log.c.seq, event_log.c.received_at, event_log.c.source, event_
             event_log.c.quarantine_reason)
 
 
-def _rows_about(conn: Connection, workitem_id: str, upto_seq: int | None = None) -> list:
-    """Every log row naming the workitem, plus rows of the same requests ((source, referenceId))
-    that do not name it (an Error carrying only a referenceId), in seq order."""
+def _rows_about(conn: Connection, workitem_id: str, upto_seq: int | None = None) -> tuple[list, list]:
+    """(the trail, the requests' rows), both in seq order.
+
+    The trail: every log row naming the workitem, plus rows of its requests ((source,
+    referenceId)) that name no workitem (an Error carrying only a referenceId).  The requests'
+    rows: every row of those requests, whatever workitem it names, as request_outcomes sees them.
+    """
     c = event_log.c
-    own = conn.execute(select(*_COLUMNS).where(c.workitem_id == workitem_id).order_by(c.seq)).all()
-    requests = sorted({(r.source, r.reference_id) for r in own if r.reference_id is not None})
-    related = []
-    for i in range(0, len(requests), 500):
-        related += conn.execute(
-            select(*_COLUMNS)
-            .where(tuple_(c.source, c.reference_id).in_(requests[i : i + 500]), c.workitem_id.is_(None))
-        ).all()
-    rows = sorted(own + related, key=lambda r: r.seq)
-    return [r for r in rows if upto_seq is None or r.seq <= upto_seq]
+    query = select(*_COLUMNS).order_by(c.seq)
+    if upto_seq is not None:
+        query = query.where(c.seq <= upto_seq)
+    own = conn.execute(query.where(c.workitem_id == workitem_id)).all()
+    keys = sorted({(r.source, r.reference_id) for r in own if r.reference_id is not None})
+    request_rows = []
+    for i in range(0, len(keys), 500):
+        request_rows += conn.execute(query.where(tuple_(c.source, c.reference_id).in_(keys[i : i + 500]))).all()
+    request_rows.sort(key=lambda r: r.seq)
+    trail = sorted(own + [r for r in request_rows if r.workitem_id is None], key=lambda r: r.seq)
+    return trail, request_rows
 
 
 def _event(row) -> Event | None:
@@ -62,11 +67,11 @@ def _user_data_changes(before: Any, after: Any) -> dict | None:
 def history(conn: Connection, workitem_id: str) -> list[dict]:
     """The audit trail: one entry per log row about the workitem, duplicates and quarantined
     rows included, each with what it changed."""
-    rows = _rows_about(conn, workitem_id)
+    rows, request_rows = _rows_about(conn, workitem_id)
     workitems, capabilities = Workitems(complete=True), CapabilityHistory(complete=True)
     requests = RequestOutcomes(complete=True)
     # The outcome of each request is known only after all of its rows: replay them first.
-    for row in rows:
+    for row in request_rows:
         event = _event(row)
         if event is not None:
             requests.apply(event)
@@ -117,7 +122,7 @@ def state(conn: Connection, workitem_id: str, *, upto_seq: int | None = None,
     """
     workitems, capabilities = Workitems(complete=True), CapabilityHistory(complete=True)
     last_seq = 0
-    for row in _rows_about(conn, workitem_id, upto_seq):
+    for row in _rows_about(conn, workitem_id, upto_seq)[0]:
         if as_of is not None and row.received_at > as_of:
             continue
         event = _event(row)

@@ -115,15 +115,22 @@ def snapshot(engine: Engine):
             yield conn
 
 
-def run_sql(conn: Connection, sql: str) -> list[dict]:
-    """Run SQL exactly as written (no ":name" or "%" placeholder parsing); its rows as dicts."""
+def run_sql(conn: Connection, sql: str) -> tuple[list[str], list[tuple]]:
+    """Run one SQL statement exactly as written (no ":name" placeholders); (column names, rows).
+
+    On PostgreSQL it is prepared (extended protocol), which takes one statement only:
+    "COMMIT; DELETE ..." cannot leave the caller's read-only transaction.  SQLite's execute()
+    refuses a second statement by itself.
+    """
     cursor = conn.connection.cursor()
     try:
-        cursor.execute(sql)
+        if conn.dialect.name == "postgresql":
+            cursor.execute(sql, prepare=True)
+        else:
+            cursor.execute(sql)
         if cursor.description is None:
-            return []
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            return [], []
+        return [d[0] for d in cursor.description], cursor.fetchall()
     except conn.dialect.loaded_dbapi.Error as exc:
         raise StoreError(f"database error: {str(exc).strip().splitlines()[0]}") from exc
     finally:
@@ -144,8 +151,8 @@ def grant_readonly(engine: Engine, role: str, *, password: str | None = None, lo
                    with_log: bool = False) -> list[str]:
     """PostgreSQL: make ``role`` exist and able to SELECT the projections and views, nothing else.
 
-    Returns the relations granted (projection_checkpoints and alembic_version too: status and
-    every command's schema check read them).
+    Returns the relations granted (projection_checkpoints and alembic_version too: every
+    command's schema check reads the latter; `status` and `verify` also need ``with_log``).
     The password is never printed; a server that logs statements logs it, as for any ALTER ROLE.
     """
     from .schema import PROJECTION_TABLES, VIEWS, event_log, imported_files, projection_checkpoints

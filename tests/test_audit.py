@@ -188,10 +188,6 @@ def test_history_of_an_unknown_workitem_fails_clearly(trail_url):
     assert "Traceback" not in result.output
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG store/audit.py history(): the request outcome is replayed only from rows about the workitem, "
-    "so an Error of the same (source, referenceId) that names another workitem is missed: history says "
-    "'succeeded' while request_outcomes (whose workitem_id is this workitem) says 'failed'"))
 def test_history_request_outcome_is_the_request_outcomes_row(engine):
     feed(engine, [
         envelope(bayeux(data("StatusChange", "W1", state="Invited", ref=1), "1"), "agent-1", at(0)),
@@ -380,8 +376,6 @@ def check_history(conn, wid: str, computed: dict) -> None:
         r.seq for r in log
         if r.workitem_id == wid or (r.workitem_id is None and (r.source, r.reference_id) in requests)]
     by_seq = {r.seq: r for r in log}
-    projectable = [r for r in log if r.duplicate_of is None and r.quarantine_reason is None]
-    foreign = {(r.source, r.reference_id) for r in projectable if r.workitem_id not in (None, wid)}
     outcomes = {(o["source"], o["reference_id"]): o["outcome"] for o in computed["request_outcomes"]}
     user_data: dict = {}
     for e in trail:
@@ -396,7 +390,7 @@ def check_history(conn, wid: str, computed: dict) -> None:
             assert e["status"] == "projected"
         if r.reference_id is None:
             assert e["request_outcome"] is None
-        elif (r.source, r.reference_id) not in foreign:  # see the xfail test above for the other case
+        else:
             assert e["request_outcome"] == outcomes.get((r.source, r.reference_id))
         if e["status"] == "projected" and r.notification_type == "Error":
             d = load_json(r.payload)["data"]
@@ -511,6 +505,9 @@ def view_rows(url: str) -> dict[str, list[dict]]:
     out = {}
     try:
         with engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                # An analyst's session in another time zone (+05:45) must see the same UTC hours.
+                conn.exec_driver_sql("SET TIME ZONE 'Asia/Kathmandu'")
             for name, columns in VIEW_COLUMNS.items():
                 result = conn.exec_driver_sql(f"SELECT * FROM {name}")
                 assert list(result.keys()) == columns
@@ -533,7 +530,7 @@ def test_views_are_identical_on_sqlite_and_postgresql(tmp_path, pg_url):
         views[kind_of(url)] = view_rows(url)
     sqlite_views, pg_views = views["sqlite"], views["postgresql"]
     for name in VIEW_COLUMNS:
-        assert len(sqlite_views[name]) == len(pg_views[name]) > 50, name
+        assert len(sqlite_views[name]) == len(pg_views[name]) > 5, name
         for a, b in zip(sqlite_views[name], pg_views[name], strict=True):
             assert a == b, (name, a, b)
             for column in ("seconds", "failure_rate"):
@@ -543,7 +540,8 @@ def test_views_are_identical_on_sqlite_and_postgresql(tmp_path, pg_url):
     assert any(r["seconds"] is None for r in durations) and any(r["seconds"] is not None for r in durations)
     assert any(r["seconds"] != round(r["seconds"], 3) for r in durations if r["seconds"] is not None)  # microseconds
     summary = sqlite_views["request_outcome_summary"]
-    assert len({r["hour"] for r in summary}) > 1 and any(0 < r["failure_rate"] < 1 for r in summary)
+    assert {r["source"] for r in summary} == {f"agent-{i:03d}" for i in range(1, 7)}
+    assert any(0 < r["failure_rate"] < 1 for r in summary)
     timeline = sqlite_views["capability_timeline"]
     assert {r["is_open"] for r in timeline} == {0, 1}
 
@@ -576,7 +574,7 @@ def test_view_semantics_on_a_small_stream(db_url):
     load_store(db_url, [envelope(bare(d), source, when) for d, source, when in VIEW_LINES])
     views = view_rows(db_url)
     assert views["workitem_state_durations"] == [
-        dict(zip(VIEW_COLUMNS["workitem_state_durations"], row)) for row in [
+        dict(zip(VIEW_COLUMNS["workitem_state_durations"], row, strict=True)) for row in [
             ("W1", "Invited", 1, T[1], 2, T[2], 16.050695),
             ("W1", "Processing", 2, T[2], None, None, None),
             ("W2", "Invited", 5, T[5], 6, T[6], 0.000002),
@@ -587,7 +585,7 @@ def test_view_semantics_on_a_small_stream(db_url):
             ("W4", "Processing", 11, T[11], None, None, None),
         ]]
     assert views["capability_timeline"] == [
-        dict(zip(VIEW_COLUMNS["capability_timeline"], row)) for row in sorted([
+        dict(zip(VIEW_COLUMNS["capability_timeline"], row, strict=True)) for row in sorted([
             ("W1", "Accept", 1, T[1], 2, T[2], 16.050695, 0),
             ("W1", "Reject", 1, T[1], 2, T[2], 16.050695, 0),
             ("W1", "Complete", 2, T[2], None, None, None, 1),
@@ -596,7 +594,7 @@ def test_view_semantics_on_a_small_stream(db_url):
             ("W3", "Complete", 8, T[8], None, None, None, 1),
         ], key=lambda r: (r[0], r[1], r[2]))]
     assert views["request_outcome_summary"] == [
-        dict(zip(VIEW_COLUMNS["request_outcome_summary"], row)) for row in [
+        dict(zip(VIEW_COLUMNS["request_outcome_summary"], row, strict=True)) for row in [
             ("agent-1", "2026-11-02 08:00:00", 3, 1, 1 / 3),
             ("agent-1", "2026-11-02 09:00:00", 1, 0, 0.0),
             ("agent-1", "2026-11-03 00:00:00", 1, 0, 0.0),
@@ -665,22 +663,22 @@ def test_query_selects_as_table_csv_and_json(db_url):
     load_store(db_url, TRAIL_LINES)
     sql = "SELECT workitem_id, state, notification_count FROM workitems ORDER BY workitem_id"
     assert json.loads(run("query", sql, "--json", "--db", db_url).stdout) == [
-        {"workitem_id": "W1", "state": "Completed", "notification_count": 7},
+        {"workitem_id": "W1", "state": "Completed", "notification_count": 6},
         {"workitem_id": "W2", "state": "Invited", "notification_count": 1},
     ]
     rows = list(csv.reader(io.StringIO(run("query", sql, "--csv", "--db", db_url).stdout)))
-    assert rows == [["workitem_id", "state", "notification_count"], ["W1", "Completed", "7"], ["W2", "Invited", "1"]]
+    assert rows == [["workitem_id", "state", "notification_count"], ["W1", "Completed", "6"], ["W2", "Invited", "1"]]
     table = run("query", sql, "--db", db_url).stdout.splitlines()
     assert table[0].split() == ["workitem_id", "state", "notification_count"]
-    assert [line.split() for line in table[2:]] == [["W1", "Completed", "7"], ["W2", "Invited", "1"]]
+    assert [line.split() for line in table[2:]] == [["W1", "Completed", "6"], ["W2", "Invited", "1"]]
 
 
 def test_query_keeps_colon_and_percent_literals(db_url):
     load_store(db_url, TRAIL_LINES)
     sql = ("SELECT 'a:b' AS colon, ':name' AS named, '100%' AS pct, '%s %(x)s' AS formats, COUNT(*) AS n "
-           "FROM event_log WHERE source LIKE 'agent-%' AND payload LIKE '%\"referenceId\":%'")
+           "FROM event_log WHERE source LIKE 'agent-%' AND payload LIKE '%\"referenceId\": %'")
     assert json.loads(run("query", sql, "--json", "--db", db_url).stdout) == [
-        {"colon": "a:b", "named": ":name", "pct": "100%", "formats": "%s %(x)s", "n": 10}]
+        {"colon": "a:b", "named": ":name", "pct": "100%", "formats": "%s %(x)s", "n": 11}]
 
 
 def test_query_runs_in_a_read_only_transaction(db_url):
@@ -692,11 +690,6 @@ def test_query_runs_in_a_read_only_transaction(db_url):
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG store/db.py run_sql() (used by `query`): on PostgreSQL several statements in one string run "
-    "through psycopg's simple protocol, so 'COMMIT; ...' or 'SET TRANSACTION READ WRITE; ...' leaves the "
-    "read-only transaction that db.snapshot() opened and the write is committed (docs/SQL.md: "
-    "'a PostgreSQL session is a read-only transaction')"))
 @pytest.mark.parametrize("escape", ["COMMIT; ", "SET TRANSACTION READ WRITE; "])
 def test_query_cannot_leave_the_read_only_transaction_on_postgresql(pg_url, escape):
     load_store(pg_url, TRAIL_LINES)
@@ -795,7 +788,7 @@ FORBIDDEN_WRITES = {
 
 
 def snapshot_counts(url: str) -> dict[str, int]:
-    return {name: row_count(url, name) for name in [*PROJECTIONS_AND_VIEWS, "event_log", "imported_files"]}
+    return {name: row_count(url, name) for name in [*PROJECTIONS_AND_VIEWS, "projection_checkpoints", "event_log", "imported_files"]}
 
 
 @pytest.mark.postgres
@@ -812,8 +805,8 @@ def test_grant_readonly_role_can_only_select_projections_and_views(pg_url, roles
     with analyst.connect() as conn:
         assert conn.execute(text("SELECT current_user")).scalar_one() == role
         for name in [*PROJECTIONS_AND_VIEWS, "projection_checkpoints"]:
-            assert len(conn.execute(text(f"SELECT * FROM {name}")).all()) == (counts.get(name) or 4), name
-    for table, statements in FORBIDDEN_WRITES.items():
+            assert len(conn.execute(text(f"SELECT * FROM {name}")).all()) == counts[name], name
+    for statements in FORBIDDEN_WRITES.values():
         for sql in statements:
             assert attempt(analyst, sql) is not None, sql
     for sql in ("SELECT COUNT(*) FROM event_log", "SELECT * FROM imported_files",
