@@ -341,14 +341,14 @@ def _output_options(command):
     return command
 
 
-def _emit_rows(rows: list[dict], fmt: str | None, table_rows=None) -> None:
+def _emit_rows(rows: list[dict], fmt: str | None, table_rows=None, columns=None) -> None:
     """rows as JSON, CSV, or (default) a table for reading on a terminal."""
     if fmt == "json":
         _echo_json(rows)
     elif fmt == "csv":
         import csv
 
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else [])
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns or (list(rows[0]) if rows else []))
         writer.writeheader()
         for row in rows:
             writer.writerow({k: json.dumps(v, default=str) if isinstance(v, (dict, list)) else v
@@ -450,8 +450,8 @@ def query(sql, fmt):
       workitem-store query "SELECT state, COUNT(*) AS n FROM workitems GROUP BY state" --csv
     """
     with db.snapshot(_query_engine()) as conn:
-        rows = db.run_sql(conn, sql)
-    _emit_rows(rows, fmt)
+        columns, rows = db.run_sql(conn, sql)
+    _emit_rows([dict(zip(columns, row, strict=True)) for row in rows], fmt, columns=columns)
 
 
 @main.command("grant-readonly")
