@@ -123,7 +123,8 @@ def state(conn: Connection, workitem_id: str, *, upto_seq: int | None = None,
     workitems, capabilities = Workitems(complete=True), CapabilityHistory(complete=True)
     last_seq = 0
     for row in _rows_about(conn, workitem_id, upto_seq)[0]:
-        if as_of is not None and row.received_at > as_of:
+        # Only rows naming the workitem change it (an Error with only a referenceId does not).
+        if row.workitem_id != workitem_id or (as_of is not None and row.received_at > as_of):
             continue
         event = _event(row)
         if event is not None:
