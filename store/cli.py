@@ -168,21 +168,134 @@ def _project_progress(desc: str):
 
 
 @main.command()
+@click.option("--follow", is_flag=True, help="Keep going: project again every --interval-ms until "
+                                              "interrupted (SIGINT or SIGTERM).")
+@click.option("--interval-ms", type=click.IntRange(min=1), default=500, show_default=True,
+              help="With --follow: milliseconds between runs.")
 @db_option
-def project():
+def project(follow, interval_ms):
     """Apply new log rows to the projections, from each one's checkpoint (safe to repeat).
 
     A projection whose definition changed (version in projection_checkpoints) is rebuilt.
+    With --follow it keeps projecting what other processes append (e.g. `import`, or `ingest
+    --no-project`), printing a line whenever it applied something.
 
     \b
     Example:
       workitem-store project
+      workitem-store project --follow --interval-ms 200
     """
+    if follow:
+        _project_follow(_engine(), interval_ms / 1000)
+        return
     bar, update = _project_progress("projecting")
     with bar:
         result = runner.project(_engine(), progress=update)
     rebuilt = f"; rebuilt {', '.join(result.rebuilt)}" if result.rebuilt else ""
     click.echo(f"applied {result.applied} events, seq {result.from_seq} -> {result.to_seq}{rebuilt}")
+
+
+def _stop_on_signals():
+    """A threading.Event set by SIGINT or SIGTERM (handlers installed in the main thread)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _project_follow(engine, interval: float) -> None:
+    stop = _stop_on_signals()
+    while True:
+        result = runner.project(engine)
+        if result.applied or result.rebuilt:
+            click.echo(f"applied {result.applied} events, seq {result.from_seq} -> {result.to_seq}")
+        if stop.wait(interval):
+            break
+    click.echo(f"stopped; projections at seq {runner.project(engine).to_seq}")
+
+
+@main.command()
+@click.option("--gws-url", metavar="URL", help="GWS server, e.g. https://gws.example.com (the notifications "
+                                               "endpoint is URL/api/v2/notifications); with --config, the "
+                                               "default for a file without gws_url.")
+@click.option("--user", help="GWS user (HTTP Basic login) of the one session.")
+@click.option("--password-env", metavar="VAR", help="Environment variable holding that user's password.")
+@click.option("--source", help="Source stored with the session's notifications (default: the user name).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE.toml",
+              help="Many sessions from a TOML file instead of --user/--password-env/--source.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, metavar="PORT",
+              help="Serve /metrics (Prometheus) and /healthz on 127.0.0.1:PORT (0: any free port).")
+@click.option("--no-project", is_flag=True, help="Only append to the log (run `project --follow` elsewhere).")
+@click.option("-v", "--verbose", is_flag=True, help="Log each appended batch.")
+@db_option
+def ingest(gws_url, user, password_env, source, config_path, metrics_port, no_project, verbose):
+    """Follow GWS workitem notifications live (CometD /v2/me/workitems) into the log.
+
+    Each session handshakes with HTTP Basic auth (and the CSRF token of GET /api/v2/me, where
+    the server has one), subscribes to /v2/me/workitems and appends every batch it receives to
+    event_log in one transaction before acknowledging it (ack extension): a crash loses
+    nothing acknowledged.  Sessions run concurrently; projections follow within a second.
+    SIGINT or SIGTERM disconnects every session, brings the projections up to date and exits 0.
+    Passwords come from environment variables, never from the command line.
+
+    \b
+    A config file lists many sessions:
+      gws_url = "https://gws.example.com"
+      [[sessions]]
+      user = "agent1"
+      password_env = "AGENT1_PW"
+      source = "agent1"          # optional, default the user name
+
+    \b
+    Example:
+      AGENT1_PW=... workitem-store ingest --gws-url https://gws.example.com \\
+          --user agent1 --password-env AGENT1_PW --metrics-port 9108
+      workitem-store ingest --config agents.toml --db postgresql://ingest@db:5432/workitems
+    """
+    import asyncio
+    import logging
+
+    from .ingest import gws
+
+    if config_path:
+        if user or password_env or source:
+            raise click.UsageError("give either --config or --user/--password-env/--source, not both")
+        configs = gws.load_config(config_path, gws_url=gws_url)
+    else:
+        if not (gws_url and user and password_env):
+            raise click.UsageError("give --gws-url, --user and --password-env (or --config FILE.toml)")
+        configs = [gws.SessionConfig(gws_url, user, gws.password_from_env(password_env), source)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(gws.TaskNameFilter())  # [gws <source>]: which session a line is about
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(task)s] %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    for noisy in ("aiohttp.access", "alembic", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    engine = _engine()
+
+    async def follow():
+        import signal
+
+        asyncio.current_task().set_name("ingest")
+        ingestor = gws.Ingestor(engine, configs, project=not no_project, metrics_port=metrics_port)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, ingestor.stop)
+        errors = await ingestor.run()
+        return ingestor, errors
+
+    ingestor, errors = asyncio.run(follow())
+    for s in ingestor.sessions:
+        click.echo(f"{s.source}: {s.stats.received} received, {s.stats.appended} appended, "
+                   f"{s.stats.duplicates} duplicate, {s.stats.quarantined} quarantined, "
+                   f"{s.client.handshakes} handshakes, {s.client.reconnects} reconnects")
+    if ingestor.last_projected_seq is not None:
+        click.echo(f"projections up to date at seq {ingestor.last_projected_seq}")
+    if errors and not ingestor.stopped_by_request:
+        raise click.ClickException("; ".join(f"{name}: {exc}" for name, exc in errors))
 
 
 @main.command()
@@ -333,6 +446,64 @@ def simulate(events, agents, seed, start, fmt, error_rate, duplicate_rate, noise
     with click.open_file(output, "w", encoding="utf-8") as out:
         for line in lines:
             out.write(line + "\n")
+
+
+@main.command("simulate-server")
+@click.option("--port", type=click.IntRange(0, 65535), default=8090, show_default=True,
+              help="Port on 127.0.0.1 (0: any free port).")
+@click.option("--agents", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Number of agents: users agent-001, agent-002, ...")
+@click.option("--password-env", metavar="VAR", default=None,
+              help="Environment variable holding the agents' password; without it, or if the variable "
+                   "is unset or empty, the password is \"demo\".")
+@click.option("--rate", type=click.FloatRange(min=0), default=100.0, show_default=True,
+              help="Notifications per second over all agents (0: as fast as possible).")
+@click.option("--events", type=click.IntRange(min=0), default=None,
+              help="Stop publishing after this many notifications (default: never).")
+@click.option("--csrf/--no-csrf", default=True, show_default=True,
+              help="Require the X-CSRF-TOKEN header (from GET /api/v2/me) on POST requests.")
+@click.option("--seed", type=int, default=1, show_default=True, help="Random seed: same seed, same stream.")
+def simulate_server(port, agents, password_env, rate, events, csrf, seed):
+    """Serve simulated GWS notifications over CometD on 127.0.0.1 until interrupted.
+
+    A GWS-like server for demos and tests: HTTP Basic auth for users agent-001.. (one password),
+    GET /api/v2/me (with CSRF headers unless --no-csrf), and CometD long-polling (Bayeux 1.0,
+    ack extension) at POST /api/v2/notifications, where each agent subscribes to its own
+    /v2/me/workitems.  The notifications are those of `simulate` with the same --seed and
+    --agents, paced to --rate.  It listens on 127.0.0.1 only.
+
+    \b
+    Example:
+      GWS_PASSWORD=s3cret workitem-store simulate-server --password-env GWS_PASSWORD \\
+          --agents 5 --rate 50
+    """
+    import asyncio
+    import os
+
+    from .ingest.gws_simulator import GwsSimulator
+
+    password = os.environ.get(password_env) if password_env else None
+    told = f"from ${password_env}" if password else "demo" + (f" (${password_env} is unset or empty)" if password_env else "")
+    password = password or "demo"
+
+    async def serve():
+        gws = GwsSimulator(agents=agents, password=password, port=port, rate=rate, events=events,
+                           csrf=csrf, seed=seed)
+        try:
+            await gws.start()
+        except OSError as exc:
+            raise click.ClickException(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}") from exc
+        click.echo(f"GWS simulator at {gws.url} (notifications: {gws.notifications_url}); users "
+                   f"agent-001..agent-{agents:03d}, password {told}, "
+                   f"CSRF {'on' if csrf else 'off'}; Ctrl-C stops it")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await gws.stop()
+            click.echo(f"published {sum(gws.published.values())} notifications", err=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
 
 
 def _output_options(command):

@@ -15,6 +15,7 @@ import heapq
 import itertools
 import json
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -158,6 +159,17 @@ class Simulator:
                 emitted += 1
             gap = rng.expovariate(1 / (self.mean_gap * len(self.agents)))
             heapq.heappush(self.queue, (self.clock + dt.timedelta(seconds=gap), next(self.order), w))
+
+    def messages(self, count: int | None = None) -> Iterator[tuple[str, dict]]:
+        """``(source, Bayeux message)`` pairs, the messages of ``lines(count, "bayeux")`` with the
+        agent each is for (a duplicate repeats an earlier message of that agent, id included);
+        ``count`` None: without end.  No pacing: the caller decides when each one happens.
+        Noise is not a message of any agent: the simulator must have ``noise_rate`` 0."""
+        if self.noise_rate:
+            raise ValueError("messages() needs noise_rate 0: noise lines belong to no agent")
+        for line in self.lines(sys.maxsize if count is None else count, "envelope"):
+            envelope = json.loads(line)
+            yield envelope["source"], envelope["message"]
 
     def _emit(self, agent: _Agent, payload: str, fmt: str, record: bool = True) -> Iterator[str]:
         if record:

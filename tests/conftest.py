@@ -10,6 +10,7 @@ import os
 import uuid
 
 import pytest
+from cometd_server import cometd, node_modules  # noqa: F401  (fixtures: the Node CometD server)
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 

@@ -1,0 +1,151 @@
+"""The real CometD server for Node (tests/cometd/server.js) in a child process, and its control API.
+
+Shared by tests/test_bayeux.py and tests/test_gws_ingest.py; the session-scoped fixtures
+``node_modules`` and ``cometd`` are registered in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from store.ingest.bayeux import BayeuxClient
+
+COMETD_DIR = Path(__file__).parent / "cometd"
+CHANNEL = "/v2/me/workitems"
+DEADLINE = 15.0  # seconds any single wait may take before the test fails
+
+
+@pytest.fixture(scope="session")
+def node_modules():
+    """tests/cometd/node_modules, installed with `npm ci` once if missing."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        message = "node and npm are needed for the CometD server of tests/test_bayeux.py"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    if not (COMETD_DIR / "node_modules" / "cometd-nodejs-server").is_dir():
+        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=COMETD_DIR, check=False,
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            pytest.fail(f"npm ci in {COMETD_DIR} failed:\n{done.stdout}\n{done.stderr}")
+    return node
+
+
+class NodeServer:
+    """tests/cometd/server.js in a child process, on 127.0.0.1."""
+
+    def __init__(self, node: str, log_path: Path):
+        self.node, self.log_path, self.port, self.process = node, log_path, 0, None
+
+    def start(self) -> NodeServer:
+        with open(self.log_path, "ab") as stderr:
+            self.process = subprocess.Popen([self.node, "server.js", str(self.port)], cwd=COMETD_DIR,
+                                            stdout=subprocess.PIPE, stderr=stderr)
+        ready, _, _ = select.select([self.process.stdout], [], [], DEADLINE)
+        line = self.process.stdout.readline() if ready else b""
+        if not line:
+            self.stop()
+            raise RuntimeError(f"the CometD server did not start: see {self.log_path}")
+        self.port = json.loads(line)["port"]
+        deadline = time.monotonic() + DEADLINE
+        while True:  # it prints once listening; still, wait until it answers
+            try:
+                with urllib.request.urlopen(f"{self.base}/control/ping", timeout=1):
+                    return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.base}/api/v2/notifications"
+
+    def kill(self) -> None:
+        """Die at once, as a crash would: every session and queued message is gone."""
+        self.process.kill()
+        self.process.wait(5)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="session")
+def cometd(node_modules, tmp_path_factory):
+    server = NodeServer(node_modules, tmp_path_factory.mktemp("cometd") / "server.log").start()
+    yield server
+    server.stop()
+
+
+class Control:
+    """The server's control API."""
+
+    def __init__(self, server: NodeServer, http: aiohttp.ClientSession):
+        self.base, self.http = server.base, http
+
+    async def call(self, path: str, body: dict | None = None):
+        method = self.http.post if body is not None else self.http.get
+        async with method(f"{self.base}/control/{path}", json=body) as response:
+            assert response.status == 200, (path, response.status, await response.text())
+            return await response.json()
+
+    async def publish(self, data: list[dict], to: str | None = None, user: str | None = None):
+        body = {"channel": CHANNEL, "data": data, "to": to}
+        if user is not None:
+            body["user"] = user
+        return await self.call("publish", body)
+
+    async def traffic(self, client_id: str) -> list[dict]:
+        """The log entries of one client: requests that carry its clientId or replies naming it."""
+        def concerns(entry):
+            return any(m.get("clientId") == client_id for m in entry["messages"] + (entry["reply"] or []))
+        return [entry for entry in await self.call("log") if concerns(entry)]
+
+    async def wait_subscribed(self, client: BayeuxClient, not_id: str | None = None) -> str:
+        """Wait until the server holds a subscription for the client's (new) session."""
+        async def subscribed():
+            cid = client.client_id
+            if cid is None or cid == not_id:
+                return None
+            sessions = {s["id"]: s["subscriptions"] for s in await self.call("sessions")}
+            return cid if CHANNEL in sessions.get(cid, []) else None
+        return await eventually(subscribed, "the client to be subscribed")
+
+
+async def eventually(probe, what: str, deadline: float = DEADLINE):
+    """Poll ``probe()`` until it returns something truthy; fail after ``deadline`` seconds."""
+    end = time.monotonic() + deadline
+    while not (result := await probe()):
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+    return result
+
+
+def notification(ref: int, tag: str = "w") -> dict:
+    """A GWS WorkitemStateChangeMessage ``data``; ``referenceId`` numbers it within a test."""
+    return {"messageType": "WorkitemStateChangeMessage", "notificationType": "StatusChange",
+            "referenceId": ref,
+            "workitem": {"id": f"{tag}-{ref}", "workitemType": "Email", "state": "Invited",
+                         "capabilities": ["Accept", "Reject"],
+                         "userData": {"Subject": f"Rückerstattung ✓ «{ref}»", "Note": "a \"quoted\" ]},["}}}
