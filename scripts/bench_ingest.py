@@ -52,6 +52,7 @@ import aiohttp
 from store import db
 from store import log as event_log
 from store.ingest.bayeux import BayeuxClient
+from store.ingest.gws import LogWriter
 from store.notifications import classify
 from store.simulate import CHANNEL, Simulator
 
@@ -93,63 +94,40 @@ class Store:
     """The on_batch side; counts and latencies of committed rows.
 
     ``group`` False: each on_batch appends its batch in a transaction of its own, inline.
-    ``group`` True (group commit): on_batch hands its batch to one writer task and waits; the
-    writer appends every batch waiting at that moment in one transaction, then releases them
-    all.  (Inline too: in a thread the commit waited for the GIL behind the event loop.)  A
+    ``group`` True (group commit, what `workitem-store ingest` does): on_batch hands its batch to
+    store.ingest.gws.LogWriter and waits; the writer appends every batch waiting at that moment
+    in one transaction, then releases them all.  A
     batch is still all-or-nothing and acknowledged only once committed; sessions just share
     the commit (the fsync) instead of queueing for one each.
     """
 
     def __init__(self, path: Path, group: bool = False):
         self.engine = db.open_store(f"sqlite:///{path}")
-        self.group = group
-        self.committed = self.transactions = 0
+        self.writer = LogWriter(self.engine) if group else None
+        self.committed = self._transactions = 0
         self.latencies: list[float] = []  # seconds, publish -> commit
         self.published: list[float] = []  # the publish times
         self.done = asyncio.Event()
         self.expect = 0
-        self._waiting: list[tuple[str, list, dt.datetime, asyncio.Future]] = []
-        self._wake = asyncio.Event()
-        self._writer: asyncio.Task | None = None
 
-    def _append(self, items) -> float:
-        # Each notification carries its own source and received_at (classify was given them),
-        # so batches of several sessions go in one append.
-        source, _, now, *_ = items[0]
+    def _append(self, source: str, notes, now) -> None:
         with db.write_transaction(self.engine) as conn:
-            event_log.append(conn, [n for _, notes, *_ in items for n in notes], source=source, received_at=now)
-        self.transactions += 1
-        return time.time()
+            event_log.append(conn, notes, source=source, received_at=now)
+        self._transactions += 1
 
-    async def _write(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            items, self._waiting = self._waiting, []
-            if not items:
-                continue
-            try:
-                committed_at = self._append(items)
-            except Exception as exc:  # noqa: BLE001 - every batch of the transaction failed: none is acknowledged
-                for *_, future in items:
-                    future.set_exception(exc)
-            else:
-                for *_, future in items:
-                    future.set_result(committed_at)
+    @property
+    def transactions(self) -> int:
+        return self.writer.transactions if self.writer is not None else self._transactions
 
     def on_batch_for(self, source: str):
         async def on_batch(batch):
             now = dt.datetime.now(dt.UTC)
             notes = [classify(raw, message, received_at=now, source=source) for message, raw in batch]
-            if self.group:
-                if self._writer is None:
-                    self._writer = asyncio.create_task(self._write())
-                future = asyncio.get_running_loop().create_future()
-                self._waiting.append((source, notes, now, future))
-                self._wake.set()
-                committed_at = await future
+            if self.writer is not None:
+                await self.writer.append(notes, source=source, received_at=now)
             else:
-                committed_at = self._append([(source, notes, now)])
+                self._append(source, notes, now)
+            committed_at = time.time()
             for message, _ in batch:
                 published = message.get("data", {}).get("benchPublishedAt")
                 if published is not None:
@@ -160,9 +138,9 @@ class Store:
                 self.done.set()
         return on_batch
 
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
+    async def close(self) -> None:
+        if self.writer is not None:
+            await self.writer.close()
         self.engine.dispose()
 
     def rows(self) -> int:
@@ -235,7 +213,7 @@ async def sustained(server, workdir: Path, sessions: int, events: int, seed: int
         finally:
             await asyncio.gather(*(c.stop() for c in clients))
     rows = store.rows()
-    store.close()
+    await store.close()
     return events / elapsed, rows, store.transactions
 
 
@@ -283,7 +261,7 @@ async def paced(server, workdir: Path, sessions: int, rate: float, seconds: floa
             await asyncio.get_running_loop().run_in_executor(None, publisher.join)
         finally:
             await asyncio.gather(*(c.stop() for c in clients))
-    store.close()
+    await store.close()
     stamps = store.published
     achieved = (len(stamps) - 1) / (max(stamps) - min(stamps))
     latencies = sorted(x * 1000 for x in store.latencies)

@@ -670,41 +670,62 @@ DEMO_QUERIES = {
 
 
 @main.command()
-@click.option("--events", type=click.IntRange(min=1), default=20_000, show_default=True,
-              help="Number of simulated notifications to import.")
-@click.option("--agents", type=click.IntRange(min=1), default=20, show_default=True, help="Number of agents (sources).")
+@click.option("--seconds", type=click.FloatRange(min=1), default=5, show_default=True,
+              help="How long the simulated GWS server publishes.")
+@click.option("--agents", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Simulated agents: one GWS session (and source) each.")
+@click.option("--rate", type=click.FloatRange(min=1), default=400, show_default=True,
+              help="Notifications per second the simulator publishes (all agents together).")
 @db_option
-def demo(events, agents):
-    """Simulate a day of notifications, import them, verify the store and show some answers.
+def demo(seconds, agents, rate):
+    """Live demo: a simulated GWS server, a live ingest of its agents, then what was stored.
 
-    Uses the same database as every command (--db, $WORKITEM_STORE_URL, else workitems.db);
-    each run adds a new stream (a new seed).
+    Starts the GWS simulator on loopback (Basic auth, CSRF, CometD with the ack extension),
+    follows every agent's /v2/me/workitems with `ingest`'s own code for a few seconds, waits
+    until everything published is stored, then verifies the store and answers a few questions
+    in SQL.  Uses the same database as every command (--db, $WORKITEM_STORE_URL, else
+    workitems.db); a later run adds sessions of its own (sources agent-001#2, ...).
 
     \b
     Example:
-      workitem-store demo --events 5000
+      workitem-store demo --seconds 10 --agents 20
     """
-    import tempfile
+    import asyncio
+    import time
 
     from sqlalchemy import func, select, text
 
-    from .schema import imported_files
+    from .ingest import gws
+    from .ingest.gws_simulator import GwsSimulator
+    from .schema import event_log
 
     engine = _engine()
     with engine.connect() as conn:
-        seed = 1 + conn.execute(select(func.count()).select_from(imported_files)).scalar_one()
+        run = 1 + conn.execute(select(func.count(func.distinct(event_log.c.source)))
+                               .where(event_log.c.source.like("agent-001%"))).scalar_one()
     click.echo(f"database: {engine.url.render_as_string(hide_password=True)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"demo-stream-{seed}.jsonl"
-        lines = simulate_lines(events, agents=agents, seed=seed, noise_rate=0.002)
-        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        click.echo(f"simulated {events} notifications from {agents} agents (seed {seed})")
-        with _progress_bar(path.stat().st_size, "B", path.name) as bar:
-            result = files.import_file(engine, path, progress=bar.update)
-    click.echo(f"imported: {result.appended} appended, {result.duplicates} duplicate, "
-               f"{result.quarantined} quarantined")
-    projected = runner.project(engine)
-    click.echo(f"projected up to seq {projected.to_seq}")
+
+    async def live():
+        events = max(1, int(seconds * rate))
+        async with GwsSimulator(agents=agents, rate=rate, events=events, seed=run, csrf=True) as server:
+            click.echo(f"GWS simulator at {server.url}: {agents} agents, {events} notifications at {rate:g}/s")
+            configs = [gws.SessionConfig(server.url, name, server.password,
+                                         name if run == 1 else f"{name}#{run}") for name in server.agents]
+            ingestor = gws.Ingestor(engine, configs)
+            following = asyncio.create_task(ingestor.run())
+            await server.finished.wait()
+            deadline = time.monotonic() + 30
+            while (sum(s.stats.appended for s in ingestor.sessions) < sum(server.published.values())
+                   and time.monotonic() < deadline and not following.done()):
+                await asyncio.sleep(0.05)  # polling the counters, with a deadline
+            ingestor.stop()
+            await following
+            return server.published, ingestor
+
+    published, ingestor = asyncio.run(live())
+    for s in ingestor.sessions:
+        click.echo(f"  {s.source}: {published[s.config.user]} published, {s.stats.appended} stored, "
+                   f"{s.client.handshakes} handshake(s)")
     with db.snapshot(engine) as conn:
         report = verify_mod.verify(conn)
         click.echo(f"verify: chain {'ok' if report.chain_break is None else 'BROKEN'}, projections "
