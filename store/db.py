@@ -70,10 +70,12 @@ def _sqlite_engine(url, *, readonly: bool) -> Engine:
     def _on_connect(dbapi_connection, _record):
         # Take transaction control away from the sqlite3 module so that BEGIN is ours (below).
         dbapi_connection.isolation_level = None
-        if not readonly:
-            # WAL lets readers (analysts, the projector) run while an importer writes.
-            dbapi_connection.execute("PRAGMA journal_mode=WAL")
         dbapi_connection.execute("PRAGMA busy_timeout=60000")
+        # WAL lets readers (analysts, the projector) run while an importer writes.  Set it only
+        # when not set yet: the change takes a lock that a busy writer elsewhere refuses at once
+        # ("database is locked", no busy wait), while reading the mode takes none.
+        if not readonly and dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
         # 64 MiB of page cache (default 2 MiB): rebuilds and big imports insert in key order
         # that is random to the b-trees; with a small cache each insert re-reads pages.
         dbapi_connection.execute("PRAGMA cache_size=-65536")
