@@ -7,6 +7,7 @@ Shared by tests/test_bayeux.py and tests/test_gws_ingest.py; the session-scoped 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import select
@@ -133,10 +134,15 @@ class Control:
         return await eventually(subscribed, "the client to be subscribed")
 
 
+async def _value(result):
+    return await result if inspect.isawaitable(result) else result
+
+
 async def eventually(probe, what: str, deadline: float = DEADLINE):
-    """Poll ``probe()`` until it returns something truthy; fail after ``deadline`` seconds."""
+    """Poll ``probe()`` (a function or a coroutine function) until it returns something truthy;
+    fail after ``deadline`` seconds."""
     end = time.monotonic() + deadline
-    while not (result := await probe()):
+    while not (result := await _value(probe())):
         assert time.monotonic() < end, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
     return result
@@ -149,3 +155,30 @@ def notification(ref: int, tag: str = "w") -> dict:
             "workitem": {"id": f"{tag}-{ref}", "workitemType": "Email", "state": "Invited",
                          "capabilities": ["Accept", "Reject"],
                          "userData": {"Subject": f"Rückerstattung ✓ «{ref}»", "Note": "a \"quoted\" ]},["}}}
+
+
+class Recorder:
+    """The on_batch callback: records each attempt, commits unless ``fail(batch)`` says no."""
+
+    def __init__(self, fail=lambda batch: False):
+        self.fail, self.attempts, self.committed = fail, [], []
+        self.changed = asyncio.Condition()
+
+    async def __call__(self, batch):
+        self.attempts.append(batch)
+        if self.fail(batch):
+            raise RuntimeError("the store could not commit")
+        async with self.changed:
+            self.committed.extend(batch)
+            self.changed.notify_all()
+
+    async def wait_for(self, count: int) -> None:
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(lambda: len(self.committed) >= count), DEADLINE)
+
+    def refs(self, batches=None) -> list[int]:
+        items = self.committed if batches is None else [m for b in batches for m in b]
+        return [message["data"]["referenceId"] for message, _ in items]
+
+    def messages(self) -> list[dict]:
+        return [message for message, _ in self.committed]

@@ -24,6 +24,7 @@ from cometd_server import (
     DEADLINE,
     Control,
     NodeServer,
+    Recorder,
     eventually,
     notification,
 )
@@ -37,30 +38,6 @@ from store.ingest.bayeux import BayeuxClient, BayeuxError, full_jitter, split_me
 
 
 # -- the callback ----------------------------------------------------------------------------------
-
-class Recorder:
-    """The on_batch callback: records each attempt, commits unless ``fail(batch)`` says no."""
-
-    def __init__(self, fail=lambda batch: False):
-        self.fail, self.attempts, self.committed = fail, [], []
-        self.changed = asyncio.Condition()
-
-    async def __call__(self, batch):
-        self.attempts.append(batch)
-        if self.fail(batch):
-            raise RuntimeError("the store could not commit")
-        async with self.changed:
-            self.committed.extend(batch)
-            self.changed.notify_all()
-
-    async def wait_for(self, count: int) -> None:
-        async with self.changed:
-            await asyncio.wait_for(self.changed.wait_for(lambda: len(self.committed) >= count), DEADLINE)
-
-    def refs(self, batches=None) -> list[int]:
-        items = self.committed if batches is None else [m for b in batches for m in b]
-        return [message["data"]["referenceId"] for message, _ in items]
-
 
 def client_for(server: NodeServer, recorder: Recorder, **options) -> BayeuxClient:
     options = {"backoff_base": 0.02, "backoff_cap": 0.2, **options}

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import aiohttp
 import pytest
+
+from cometd_server import DEADLINE, Recorder, eventually
 
 from store.ingest.bayeux import BayeuxClient, BayeuxError
 from store.ingest.gws_simulator import CSRF_ERROR, GwsSimulator
 from store.simulate import CHANNEL, Simulator
 
-DEADLINE = 15.0
 PASSWORD = "s3cret"
 
 
@@ -34,37 +34,6 @@ def expected(agents: int, seed: int, events: int) -> dict[str, list[dict]]:
     for source, message in Simulator(agents=agents, seed=seed).messages(events):
         mine.setdefault(source, []).append(message)
     return mine
-
-
-async def eventually(probe, what: str, deadline: float = DEADLINE):
-    end = time.monotonic() + deadline
-    while not (result := probe()):
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-    return result
-
-
-class Recorder:
-    """on_batch: records every attempt; commits unless ``fail(batch)`` says no."""
-
-    def __init__(self, fail=lambda batch: False):
-        self.fail, self.attempts, self.committed = fail, [], []
-        self.changed = asyncio.Condition()
-
-    async def __call__(self, batch):
-        self.attempts.append(batch)
-        if self.fail(batch):
-            raise RuntimeError("the store could not commit")
-        async with self.changed:
-            self.committed.extend(batch)
-            self.changed.notify_all()
-
-    async def wait_for(self, count: int) -> None:
-        async with self.changed:
-            await asyncio.wait_for(self.changed.wait_for(lambda: len(self.committed) >= count), DEADLINE)
-
-    def messages(self) -> list[dict]:
-        return [message for message, _ in self.committed]
 
 
 async def csrf_headers(http: aiohttp.ClientSession, gws: GwsSimulator, agent: str) -> dict[str, str]:
