@@ -128,7 +128,9 @@ def import_(paths, source, again, no_project, as_json):
                 _print_import(summaries[-1])
     finally:
         if summaries and not no_project:  # what did get in is projected even if a later file failed
-            projected = runner.project(engine)
+            bar, update = _project_progress("projecting")
+            with bar:
+                projected = runner.project(engine, progress=update)
     if as_json:
         _echo_json({"imports": [vars(s) for s in summaries],
                     "projected": vars(projected) if projected else None})
