@@ -32,10 +32,8 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
-import json
 import multiprocessing
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -56,38 +54,21 @@ from store.ingest.gws import LogWriter
 from store.notifications import classify
 from store.simulate import CHANNEL, Simulator
 
-COMETD_DIR = ROOT / "tests" / "cometd"
+sys.path.insert(0, str(ROOT / "tests"))
+from cometd_server import COMETD_DIR, NodeServer  # noqa: E402 - the tests' own launcher
+
 TARGET_RATE, TARGET_P99_MS = 10_000, 50.0
 CHUNK = 500  # messages per /control/publish request when publishing flat out
 
 
-class NodeCometD:
-    """tests/cometd/server.js in a child process on 127.0.0.1."""
-
-    def __init__(self, log_path: Path):
-        node, npm = shutil.which("node"), shutil.which("npm")
-        if not node or not npm:
-            sys.exit("node and npm are needed (the CometD server is tests/cometd/server.js)")
-        if not (COMETD_DIR / "node_modules" / "cometd-nodejs-server").is_dir():
-            subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=COMETD_DIR, check=True)
-        with open(log_path, "ab") as stderr:
-            self.process = subprocess.Popen([node, "server.js", "0"], cwd=COMETD_DIR,
-                                            stdout=subprocess.PIPE, stderr=stderr)
-        ready, _, _ = select.select([self.process.stdout], [], [], 15)
-        line = self.process.stdout.readline() if ready else b""
-        if not line:
-            self.stop()
-            sys.exit(f"the CometD server did not start: see {log_path}")
-        self.base = f"http://127.0.0.1:{json.loads(line)['port']}"
-        self.url = self.base + "/api/v2/notifications"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+def _node() -> str:
+    """node, after `npm ci` in tests/cometd if its node_modules is missing."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        sys.exit("node and npm are needed (the CometD server is tests/cometd/server.js)")
+    if not (COMETD_DIR / "node_modules" / "cometd-nodejs-server").is_dir():
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=COMETD_DIR, check=True)
+    return node
 
 
 class Store:
@@ -153,14 +134,14 @@ class Store:
 
 @contextlib.contextmanager
 def fresh_server(workdir: Path):
-    server = NodeCometD(workdir / "cometd.log")
+    server = NodeServer(_node(), workdir / "cometd.log").start()
     try:
         yield server
     finally:
         server.stop()
 
 
-async def control(http: aiohttp.ClientSession, server: NodeCometD, path: str, body: dict | None = None):
+async def control(http: aiohttp.ClientSession, server: NodeServer, path: str, body: dict | None = None):
     method = http.post if body is not None else http.get
     async with method(f"{server.base}/control/{path}", json=body) as response:
         if response.status != 200:

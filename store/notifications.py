@@ -26,7 +26,6 @@ import orjson
 MESSAGE_TYPE = "WorkitemStateChangeMessage"
 STATUS_CHANGE, PROPERTIES_UPDATED, ERROR = "StatusChange", "PropertiesUpdated", "Error"
 NOTIFICATION_TYPES = (STATUS_CHANGE, PROPERTIES_UPDATED, ERROR)
-ENVELOPE_KEYS = ("received_at", "source", "message")
 # Quarantine reasons whose payload is the whole input line rather than a message.
 LINE_REASONS = ("not JSON", "not a JSON object", "not UTF-8", "envelope")
 # The event_log columns read out of a payload (besides the quarantine reason).
@@ -127,7 +126,8 @@ def parse_timestamp(value: Any) -> dt.datetime:
     return parsed.astimezone(dt.timezone.utc)
 
 
-def _unreadable(payload: str, reason: str, received_at=None, source=None) -> Notification:
+def unreadable(payload: str, reason: str, received_at=None, source=None) -> Notification:
+    """A line that is not a readable message: kept whole, quarantined for ``reason``."""
     return Notification(payload, received_at, source, None, None, None, None, None, None, reason)
 
 
@@ -173,9 +173,9 @@ def parse_line(line: str) -> Notification:
     except orjson.JSONDecodeError:
         return _parse_line_exactly(line)  # the exact path words the error, or accepts what orjson refuses
     if not isinstance(parsed, dict):
-        return _unreadable(line, "not a JSON object")
+        return unreadable(line, "not a JSON object")
     if "\\u" in line and not _storable(parsed):
-        return _unreadable(line, UNSTORABLE)
+        return unreadable(line, UNSTORABLE)
     if "received_at" in parsed and ("message" in parsed or "line" in parsed):
         payload = _last_value_text(line, "message", parsed.get("message"))
         if payload is None:
@@ -207,12 +207,12 @@ def _parse_line_exactly(line: str) -> Notification:
     try:
         spans = _object_spans(line)
     except ValueError as exc:
-        return _unreadable(line, f"not JSON: {exc}")
+        return unreadable(line, f"not JSON: {exc}")
     if spans is None:
-        return _unreadable(line, "not a JSON object")
+        return unreadable(line, "not a JSON object")
     values = {key: value for key, (value, _, _) in spans.items()}
     if ("\\u" in line or "\x00" in line) and not _storable(values):
-        return _unreadable(line, UNSTORABLE)
+        return unreadable(line, UNSTORABLE)
     if "received_at" in values and ("message" in values or "line" in values):
         payload = line[spans["message"][1] : spans["message"][2]] if "message" in spans else None
         return _envelope(line, values, payload)
@@ -224,20 +224,20 @@ def _envelope(line: str, envelope: dict, payload: str | None) -> Notification:
     try:
         received_at = parse_timestamp(envelope["received_at"])
     except ValueError as exc:
-        return _unreadable(line, f"envelope received_at is not a timestamp: {exc}")
+        return unreadable(line, f"envelope received_at is not a timestamp: {exc}")
     source = envelope.get("source")
     if not isinstance(source, str) or not source:
-        return _unreadable(line, "envelope source is not a non-empty string", received_at)
+        return unreadable(line, "envelope source is not a non-empty string", received_at)
     if payload is not None:
         return classify(payload, envelope["message"], received_at, source)
     if not isinstance(envelope["line"], str):
-        return _unreadable(line, "envelope line is not a string", received_at, source)
+        return unreadable(line, "envelope line is not a string", received_at, source)
     # An exported row whose payload was a whole input line (not JSON, or a broken envelope).
     inner = parse_line(envelope["line"])
     reason = envelope.get("quarantine_reason")
     if isinstance(reason, str) and reason and reason != inner.quarantine_reason:
         # A reason decided on the raw bytes (not UTF-8, NUL), which the text cannot show again.
-        inner = _unreadable(envelope["line"], reason)
+        inner = unreadable(envelope["line"], reason)
     return replace(inner, received_at=inner.received_at or received_at, source=inner.source or source)
 
 
@@ -251,7 +251,7 @@ def reclassify(payload: str, quarantine_reason: str | None) -> Notification:
 def classify(payload: str, message: Any, received_at=None, source=None) -> Notification:
     """Apply the quarantine rules to a parsed message (see docs/RULES.md)."""
     if not isinstance(message, dict):
-        return _unreadable(payload, "message is not a JSON object", received_at, source)
+        return unreadable(payload, "message is not a JSON object", received_at, source)
     channel = as_text(message.get("channel"))
     message_id = as_text(message.get("id"))
     data = message.get("data")

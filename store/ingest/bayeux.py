@@ -132,7 +132,7 @@ def full_jitter(attempt: int, base: float, cap: float, rng: random.Random | None
     return (rng or random).uniform(0.0, min(cap, base * 2.0 ** min(attempt, 60)))
 
 
-def _authorization(auth: aiohttp.BasicAuth | tuple[str, str] | None) -> str | None:
+def basic_authorization(auth: aiohttp.BasicAuth | tuple[str, str] | None) -> str | None:
     # The header is built here: aiohttp 3.14 deprecates its own ``auth=`` request argument.
     if auth is None:
         return None
@@ -175,7 +175,7 @@ class BayeuxClient:
         self.url, self.channels, self._on_batch = url, list(channels), on_batch
         self._where = str(URL(url).with_user(None))  # for logs: never credentials
         self._session, self._owns_session = session, session is None
-        self._authorization = _authorization(auth)
+        self._authorization = basic_authorization(auth)
         self._headers, self._on_http_error = headers, on_http_error
         self.ack, self.backoff_base, self.backoff_cap = ack, backoff_base, backoff_cap
         self.max_failures, self.network_delay, self._rng = max_failures, network_delay, rng
@@ -194,6 +194,20 @@ class BayeuxClient:
         self._stopping = asyncio.Event()
         self._waiting = False     # the loop is in an HTTP request, where stop() may cut in
         self._answered_at = 0.0   # loop time the last response ended
+
+    @property
+    def where(self) -> str:
+        """The server URL without credentials (for logs and status)."""
+        return self._where
+
+    @property
+    def connected(self) -> bool:
+        """The last /meta/connect succeeded."""
+        return self._connected
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
 
     async def __aenter__(self) -> Self:
         self.start()

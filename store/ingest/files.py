@@ -19,7 +19,7 @@ from sqlalchemy import Engine, select
 
 from .. import log
 from ..db import StoreError, collections_postponed, write_transaction
-from ..notifications import Notification, parse_line
+from ..notifications import Notification, parse_line, unreadable
 from ..schema import imported_files
 
 BATCH_LINES = 20_000
@@ -54,15 +54,11 @@ def decode_line(raw: bytes) -> Notification | None:
     except UnicodeDecodeError as exc:
         # Kept as text with the bad bytes (and any NUL, which PostgreSQL text refuses) escaped.
         text = raw.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
-        return parse_line_as_text(text, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
+        return unreadable(text, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
     if "\x00" in line:
         # A NUL cannot be stored in a PostgreSQL text column, and is never valid JSON.
-        return parse_line_as_text(line.replace("\x00", "\\x00"), "not JSON: contains NUL characters")
+        return unreadable(line.replace("\x00", "\\x00"), "not JSON: contains NUL characters")
     return parse_line(line)
-
-
-def parse_line_as_text(text: str, reason: str) -> Notification:
-    return Notification(text, None, None, None, None, None, None, None, None, reason)
 
 
 def file_sha256(path: Path) -> str:

@@ -19,7 +19,6 @@ line (the CLI reads passwords from environment variables).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import datetime as dt
 import json
@@ -41,7 +40,7 @@ from ..db import StoreError, write_transaction
 from ..notifications import Notification, classify
 from ..projections import runner
 from ..schema import event_log, projection_checkpoints
-from .bayeux import BayeuxClient
+from .bayeux import BayeuxClient, basic_authorization
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +210,7 @@ class GwsSession:
         # A cookie jar per GWS session (JSESSIONID, BAYEUX_BROWSER), accepting cookies from IP
         # hosts; made here, so construct sessions inside the event loop; closed by run()/stop().
         self._http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
-        self._authorization = "Basic " + base64.b64encode(f"{config.user}:{config.password}".encode()).decode()
+        self._authorization = basic_authorization((config.user, config.password))
         self.client = BayeuxClient(config.notifications_url, [CHANNEL], self._on_batch, session=self._http,
                                    auth=(config.user, config.password), headers=lambda: self._csrf,
                                    on_http_error=self._on_http_error, **client_options)
@@ -281,8 +280,8 @@ class GwsSession:
 
     def summary(self) -> dict[str, Any]:
         c = self.client
-        return {"user": self.config.user, "source": self.source, "url": c._where,
-                "running": c._task is not None and not c._task.done(), "connected": c._connected,
+        return {"user": self.config.user, "source": self.source, "url": c.where,
+                "running": c.running, "connected": c.connected,
                 "error": None if c.error is None else str(c.error),
                 "handshakes": c.handshakes, "reconnects": c.reconnects, "failures": c.failures,
                 "received": self.stats.received, "appended": self.stats.appended,
@@ -427,7 +426,7 @@ class Ingestor:
         family(p + "reconnects_total", "counter",
                "Sessions or connections re-established after a loss.", per_source(lambda s: s.client.reconnects))
         family(p + "connected", "gauge", "1 while the session's last /meta/connect succeeded.",
-               per_source(lambda s: int(s.client._connected)))
+               per_source(lambda s: int(s.client.connected)))
         family(p + "last_message_age_seconds", "gauge", "Seconds since the session last received a message.",
                [({"source": s.source}, now - s.client.last_message_at) for s in self.sessions
                 if s.client.last_message_at is not None])
