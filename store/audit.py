@@ -11,8 +11,8 @@ from typing import Any
 
 from sqlalchemy import Connection, select, tuple_
 
-from .log import Event, event_from_row
-from .notifications import as_text, load_json
+from .log import SNAPSHOT_EVENT, Event, event_from_row
+from .notifications import NOTIFICATION, SNAPSHOT, as_text
 from .projections.capabilities import CapabilityHistory
 from .projections.requests import RequestOutcomes
 from .projections.workitems import Workitems
@@ -20,27 +20,30 @@ from .schema import event_log
 
 _COLUMNS = (event_log.c.seq, event_log.c.received_at, event_log.c.source, event_log.c.notification_type,
             event_log.c.workitem_id, event_log.c.reference_id, event_log.c.payload, event_log.c.duplicate_of,
-            event_log.c.quarantine_reason)
+            event_log.c.quarantine_reason, event_log.c.kind)
 
 
 def _rows_about(conn: Connection, workitem_id: str, upto_seq: int | None = None) -> tuple[list, list]:
     """(the trail, the requests' rows), both in seq order.
 
     The trail: every log row naming the workitem, plus rows of its requests ((source,
-    referenceId)) that name no workitem (an Error carrying only a referenceId).  The requests'
-    rows: every row of those requests, whatever workitem it names, as request_outcomes sees them.
+    referenceId)) that name no workitem (an Error carrying only a referenceId), plus every
+    snapshot (whether one reconciles the workitem is known only by replaying it).  The
+    requests' rows: every row of those requests, whatever workitem it names, as
+    request_outcomes sees them.
     """
     c = event_log.c
     query = select(*_COLUMNS).order_by(c.seq)
     if upto_seq is not None:
         query = query.where(c.seq <= upto_seq)
     own = conn.execute(query.where(c.workitem_id == workitem_id)).all()
+    snapshots = conn.execute(query.where(c.kind != NOTIFICATION, c.kind == SNAPSHOT)).all()
     keys = sorted({(r.source, r.reference_id) for r in own if r.reference_id is not None})
     request_rows = []
     for i in range(0, len(keys), 500):
         request_rows += conn.execute(query.where(tuple_(c.source, c.reference_id).in_(keys[i : i + 500]))).all()
     request_rows.sort(key=lambda r: r.seq)
-    trail = sorted(own + [r for r in request_rows if r.workitem_id is None], key=lambda r: r.seq)
+    trail = sorted(own + snapshots + [r for r in request_rows if r.workitem_id is None], key=lambda r: r.seq)
     return trail, request_rows
 
 
@@ -48,7 +51,7 @@ def _event(row) -> Event | None:
     """The projectable event of a log row, or None for a duplicate or quarantined row."""
     if row.duplicate_of is not None or row.quarantine_reason is not None:
         return None
-    return event_from_row(row, load_json(row.payload)["data"])
+    return event_from_row(row, row.payload, row.kind)
 
 
 def _user_data_changes(before: Any, after: Any) -> dict | None:
@@ -77,6 +80,7 @@ def history(conn: Connection, workitem_id: str) -> list[dict]:
             requests.apply(event)
     trail = []
     for row in rows:
+        event = _event(row)
         entry: dict[str, Any] = {
             "seq": row.seq, "received_at": row.received_at, "source": row.source,
             "notification_type": row.notification_type, "reference_id": row.reference_id,
@@ -84,6 +88,10 @@ def history(conn: Connection, workitem_id: str) -> list[dict]:
             "capabilities_granted": [], "capabilities_revoked": [], "user_data_changes": None,
             "request_outcome": None, "error_code": None, "error_message": None,
         }
+        if row.kind == SNAPSHOT:
+            if event is None:
+                continue  # a quarantined snapshot reconciles nothing
+            entry["notification_type"] = SNAPSHOT_EVENT
         if row.duplicate_of is not None:
             entry["status"] = f"duplicate of seq {row.duplicate_of}"
         if row.quarantine_reason is not None:
@@ -91,12 +99,16 @@ def history(conn: Connection, workitem_id: str) -> list[dict]:
         request = requests.state.get((row.source, row.reference_id))
         if request is not None:
             entry["request_outcome"] = request["outcome"]
-        event = _event(row)
-        if event is not None and event.workitem_id == workitem_id:
+        if event is not None and (event.workitem_id == workitem_id or row.kind == SNAPSHOT):
             before = dict(workitems.state.get(workitem_id) or {})
             open_before = set(capabilities.state.get(workitem_id, {}))
             workitems.apply(event)
             capabilities.apply(event)
+            if row.kind == SNAPSHOT:
+                if workitem_id not in event.reconcile:
+                    continue  # the snapshot neither lists nor closes this workitem
+                entry["status"] = ("snapshot: listed" if event.reconcile[workitem_id] is not None
+                                   else "snapshot: not listed, closed")
             after = workitems.state[workitem_id]
             open_after = capabilities.state.get(workitem_id, {})
             if after["state"] != before.get("state"):
@@ -123,14 +135,16 @@ def state(conn: Connection, workitem_id: str, *, upto_seq: int | None = None,
     workitems, capabilities = Workitems(complete=True), CapabilityHistory(complete=True)
     last_seq = 0
     for row in _rows_about(conn, workitem_id, upto_seq)[0]:
-        # Only rows naming the workitem change it (an Error with only a referenceId does not).
-        if row.workitem_id != workitem_id or (as_of is not None and row.received_at > as_of):
+        # Only rows naming the workitem change it (an Error with only a referenceId does not),
+        # and snapshots that list or close it.
+        if (row.workitem_id != workitem_id and row.kind != SNAPSHOT) or (as_of is not None and row.received_at > as_of):
             continue
         event = _event(row)
         if event is not None:
             workitems.apply(event)
             capabilities.apply(event)
-            last_seq = row.seq
+            if row.kind != SNAPSHOT or workitem_id in event.reconcile:
+                last_seq = row.seq
     found = workitems.state.get(workitem_id)
     if found is None:
         return None

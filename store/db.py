@@ -51,7 +51,8 @@ def open_engine(db: str | None = None, *, readonly: bool = False) -> Engine:
             parsed = parsed.set(drivername="postgresql+psycopg")
         if parsed.get_backend_name() == "sqlite":
             return _sqlite_engine(parsed, readonly=readonly)
-        return create_engine(parsed, pool_pre_ping=True)
+        # connect_timeout: an unreachable server fails a connection in seconds, not minutes.
+        return create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10})
     except (ArgumentError, ImportError) as exc:
         raise StoreError(f"cannot use database URL {url!r}: {exc}") from exc
 
@@ -100,6 +101,33 @@ def write_transaction(engine: Engine):
         conn.info["write"] = True
         with conn.begin():
             yield conn
+
+
+def probe_writable(engine: Engine, timeout: float = 1.0) -> int:
+    """Take the appenders' lock as an append would (waiting at most ``timeout`` seconds), read
+    the log's head seq, roll back.  Raises StoreError when the log cannot be written now.
+
+    SQLite: BEGIN IMMEDIATE with a short busy timeout (the connection's usual 60 s restored
+    after).  PostgreSQL: the EXCLUSIVE lock on event_log under a short lock_timeout.
+    """
+    with translate_errors(), engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            raw = conn.connection.driver_connection
+            raw.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+            try:
+                raw.execute("BEGIN IMMEDIATE")
+                try:
+                    return raw.execute("SELECT COALESCE(MAX(seq), 0) FROM event_log").fetchone()[0]
+                finally:
+                    raw.execute("ROLLBACK")
+            finally:
+                raw.execute("PRAGMA busy_timeout=60000")
+        with conn.begin() as transaction:
+            conn.execute(text(f"SET LOCAL lock_timeout = '{int(timeout * 1000)}ms'"))
+            conn.execute(text("LOCK TABLE event_log IN EXCLUSIVE MODE"))
+            head = conn.execute(text("SELECT COALESCE(MAX(seq), 0) FROM event_log")).scalar_one()
+            transaction.rollback()
+            return head
 
 
 @contextlib.contextmanager

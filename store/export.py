@@ -8,9 +8,8 @@ from collections.abc import Iterator
 from sqlalchemy import Connection, select
 
 from .schema import event_log
-from .notifications import LINE_REASONS, envelope_line, parse_line, utc_text
+from .notifications import LINE_REASONS, NOTIFICATION, envelope_line, parse_line, utc_text
 
-# Quarantine reasons whose payload is the whole input line rather than a message.
 _JSON_WS = " \t\r\n"
 
 
@@ -25,21 +24,27 @@ def export_lines(conn: Connection, after_seq: int = 0, upto_seq: int | None = No
     export classifies every row as before.
     """
     c = event_log.c
-    query = select(c.seq, c.received_at, c.source, c.payload, c.quarantine_reason).order_by(c.seq).limit(chunk)
+    query = (select(c.seq, c.received_at, c.source, c.payload, c.quarantine_reason, c.kind, c.session)
+             .order_by(c.seq).limit(chunk))
     if upto_seq is not None:
         query = query.where(c.seq <= upto_seq)
     while True:
         rows = conn.execute(query.where(c.seq > after_seq)).all()
         if not rows:
             return
-        for _seq, received_at, source, payload, reason in rows:
+        for _seq, received_at, source, payload, reason, kind, session in rows:
             # A message line with whitespace around it is also carried whole: embedded as a
             # message, the whitespace would not be part of the payload read back.
-            if (reason or "").startswith(LINE_REASONS) or payload != payload.strip(_JSON_WS):
-                entry = {"received_at": utc_text(received_at), "source": source, "line": payload}
-                if reason and parse_line(payload).quarantine_reason != reason:
+            if kind != NOTIFICATION or (reason or "").startswith(LINE_REASONS) or payload != payload.strip(_JSON_WS):
+                entry = {"received_at": utc_text(received_at), "source": source}
+                if kind != NOTIFICATION:
+                    entry["kind"] = kind  # a session marker or snapshot: its payload as it is
+                if session is not None:
+                    entry["session"] = session
+                entry["line"] = payload
+                if kind == NOTIFICATION and reason and parse_line(payload).quarantine_reason != reason:
                     entry["quarantine_reason"] = reason  # decided on the raw bytes (not UTF-8, NUL)
                 yield json.dumps(entry)
             else:
-                yield envelope_line(received_at, source, payload)
+                yield envelope_line(received_at, source, payload, session)
         after_seq = rows[-1][0]

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, func, select, text
+from sqlalchemy import Connection, and_, func, or_, select, text
 
 from .db import insert_rows
-from .notifications import Notification, load_json, utc_text
+from .notifications import NOTIFICATION, SESSION, SNAPSHOT, Notification, load_json, parse_timestamp, utc_text
 from .schema import event_log
 
 GENESIS_HASH = "0" * 64
@@ -22,13 +22,19 @@ _IN_CHUNK = 900  # parameters per IN (...) list, well under every engine's limit
 
 
 def chain_hash(prev: str, seq: int, received_at: dt.datetime, source: str, payload_sha256: str,
-               duplicate_of: int | None, quarantine_reason: str | None) -> str:
-    """sha256 over the previous row's chain_hash and this row's content (docs/SQL.md, event_log)."""
-    content = "\n".join((
-        prev, str(seq), utc_text(received_at),
-        source, payload_sha256, "" if duplicate_of is None else str(duplicate_of), quarantine_reason or "",
-    ))
-    return hashlib.sha256(content.encode()).hexdigest()
+               duplicate_of: int | None, quarantine_reason: str | None, kind: str = NOTIFICATION,
+               session: str | None = None) -> str:
+    """sha256 over the previous row's chain_hash and this row's content (docs/RULES.md, section 8).
+
+    A notification without a session has the seven fields of the first version of the store, so
+    logs written before ``kind`` and ``session`` existed keep their hashes; any other row adds
+    both fields.
+    """
+    fields = [prev, str(seq), utc_text(received_at), source, payload_sha256,
+              "" if duplicate_of is None else str(duplicate_of), quarantine_reason or ""]
+    if kind != NOTIFICATION or session is not None:
+        fields += [kind, session or ""]
+    return hashlib.sha256("\n".join(fields).encode()).hexdigest()
 
 
 def payload_sha256(payload: str) -> str:
@@ -63,8 +69,33 @@ def lock_for_append(conn: Connection) -> None:
         conn.execute(text("LOCK TABLE event_log IN EXCLUSIVE MODE"))
 
 
-def _first_copies(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
-    """(source, message_id) -> seq of the first copy already in the log.
+# Two sessions following one agent receive each notification at nearly the same moment; copies
+# further apart than this are never taken for one notification (docs/RULES.md, section 3).
+SAME_NOTIFICATION_WINDOW = dt.timedelta(seconds=60)
+MICROSECOND = dt.timedelta(microseconds=1)
+
+
+@dataclass
+class AppendContext:
+    """What one appender carries from one ``append`` call to the next: a cache of each
+    session's start (when its handshake was sent)."""
+
+    session_starts: dict[str, dt.datetime | None] = field(default_factory=dict)
+
+
+@dataclass
+class _Copy:
+    """A log row as the duplicate rules see it."""
+
+    seq: int
+    session: str | None
+    received_at: dt.datetime
+    duplicate_of: int | None
+
+
+def _first_copies(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str, str], int]:
+    """(source, message_id, payload_sha256) -> seq of the first row with that key that is not
+    itself a duplicate.
 
     One query per source with an IN list of ids: both engines then walk the (source,
     message_id) index; a row-value IN over pairs made SQLite scan (measured: 10x slower).
@@ -73,56 +104,138 @@ def _first_copies(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[st
     for source, message_id in keys:
         by_source.setdefault(source, []).append(message_id)
     c = event_log.c
-    found: dict[tuple[str, str], int] = {}
+    found: dict[tuple[str, str, str], int] = {}
     for source, ids in by_source.items():
         for i in range(0, len(ids), _IN_CHUNK):
             rows = conn.execute(
-                select(c.message_id, func.min(c.seq))
-                .where(c.source == source, c.message_id.in_(ids[i : i + _IN_CHUNK]))
-                .group_by(c.message_id)
+                select(c.message_id, c.payload_sha256, func.min(c.seq))
+                .where(c.source == source, c.message_id.in_(ids[i : i + _IN_CHUNK]), c.duplicate_of.is_(None))
+                .group_by(c.message_id, c.payload_sha256)
             )
-            found.update(((source, message_id), seq) for message_id, seq in rows)
+            found.update(((source, message_id, digest), seq) for message_id, digest, seq in rows)
     return found
 
 
+def _copies_by_payload(conn: Connection, digests: set[str]) -> dict[tuple[str, str], list[_Copy]]:
+    """(source, payload_sha256) -> the notification rows without message_id that have that
+    payload, in seq order (the partial index on payload_sha256 holds exactly those rows)."""
+    c = event_log.c
+    found: dict[tuple[str, str], list[_Copy]] = {}
+    digests_ = sorted(digests)
+    for i in range(0, len(digests_), _IN_CHUNK):
+        rows = conn.execute(
+            select(c.seq, c.source, c.payload_sha256, c.session, c.received_at, c.duplicate_of)
+            .where(c.message_id.is_(None), c.payload_sha256.in_(digests_[i : i + _IN_CHUNK]),
+                   c.kind == NOTIFICATION)
+        )
+        for seq, source, digest, session, at, duplicate_of in rows:
+            found.setdefault((source, digest), []).append(_Copy(seq, session, at, duplicate_of))
+    for copies in found.values():
+        copies.sort(key=lambda copy: copy.seq)
+    return found
+
+
+def session_start(conn: Connection, session: str, context: AppendContext) -> dt.datetime | None:
+    """When ``session`` sent its handshake, from its "started" marker; None when the log has none."""
+    if session not in context.session_starts:
+        c = event_log.c
+        payloads = conn.execute(select(c.payload).where(c.session == session, c.kind == SESSION)
+                                .order_by(c.received_at)).scalars()
+        context.session_starts[session] = next(filter(None, map(_handshake_at, payloads)), None)
+    return context.session_starts[session]
+
+
+def _handshake_at(payload: str) -> dt.datetime | None:
+    try:
+        marker = load_json(payload)
+        return parse_timestamp(marker["handshake_at"]) if marker.get("event") == "started" else None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+        return None
+
+
+def _duplicate_without_id(n: Notification, at: dt.datetime, copies: list[_Copy],
+                          start: Callable[[str], dt.datetime | None]) -> int | None:
+    """The seq a notification without message_id duplicates (docs/RULES.md 3.2 and 3.3), or None.
+
+    ``copies``: the earlier notification rows without message_id with the same source and
+    payload, in seq order.  ``start(session)``: when that session sent its handshake.
+    """
+    if n.received_at is not None:
+        # 3.2: the same record again (overlapping captures or exports): a row whose own
+        # received_at (not the time of reading), session and payload equal an earlier row's.
+        for first in copies:
+            if first.duplicate_of is None and first.received_at == at and first.session == n.session:
+                return first.seq
+    if n.session is None or (mine := start(n.session)) is None:
+        return None
+    # 3.3: one notification received by two sessions of the same source: a row of another
+    # session that could have received this one (each row came after the other's handshake),
+    # within the window, and that no row of this session took yet.
+    for first in copies:
+        if (first.duplicate_of is None and first.session is not None and first.session != n.session
+                and abs(first.received_at - at) <= SAME_NOTIFICATION_WINDOW and first.received_at > mine
+                and (theirs := start(first.session)) is not None and at > theirs
+                and not any(copy.duplicate_of == first.seq and copy.session == n.session for copy in copies)):
+            return first.seq
+    return None
+
+
 def append(conn: Connection, notifications: Sequence[Notification], *, source: str,
-           received_at: dt.datetime) -> AppendResult:
+           received_at: dt.datetime, context: AppendContext | None = None) -> AppendResult:
     """Append a batch inside the caller's write transaction (see db.write_transaction).
 
     ``source`` and ``received_at`` apply to notifications that do not carry their own (those
-    that came without an envelope).
+    that came without an envelope, and live ones); the i-th such row of the batch is stamped
+    ``received_at`` plus i microseconds, so that no two rows of one reader share an instant (the
+    duplicate rule 3.2 takes equal instants for the same record).  ``context`` carries what the
+    duplicate rules need across calls (one per import, one per live ingestor).
     """
     if not notifications:
         return AppendResult(None, None, 0, 0, 0)
+    context = context or AppendContext()
     lock_for_append(conn)
     seq, prev = head(conn)
     first_seq = seq + 1
+    digests = [payload_sha256(n.payload) for n in notifications]
     keys = {(n.source or source, n.message_id) for n in notifications if n.message_id is not None}
     first_copy = _first_copies(conn, keys) if keys else {}
+    unkeyed = {d for n, d in zip(notifications, digests) if n.message_id is None and n.kind == NOTIFICATION}
+    copies = _copies_by_payload(conn, unkeyed) if unkeyed else {}
     rows: list[dict[str, Any]] = []
-    duplicates = quarantined = 0
-    for n in notifications:
+    duplicates = quarantined = unstamped = 0
+    for n, digest in zip(notifications, digests, strict=True):
         seq += 1
         row_source = n.source or source
-        at = n.received_at or received_at
+        if n.received_at is not None:
+            at = n.received_at
+        else:
+            at, unstamped = received_at + unstamped * MICROSECOND, unstamped + 1
         duplicate_of = None
-        if n.message_id is not None:
-            key = (row_source, n.message_id)
-            duplicate_of = first_copy.setdefault(key, seq)
+        if n.kind != NOTIFICATION:
+            if n.kind == SESSION and (started := _handshake_at(n.payload)) is not None and n.session:
+                context.session_starts[n.session] = started
+        elif n.message_id is not None:
+            # 3.1: a message delivered again carries the same id and the same text.
+            duplicate_of = first_copy.setdefault((row_source, n.message_id, digest), seq)
             if duplicate_of == seq:
                 duplicate_of = None
-            else:
-                duplicates += 1
+        else:
+            same = copies.setdefault((row_source, digest), [])
+            if same:
+                duplicate_of = _duplicate_without_id(n, at, same, lambda s: session_start(conn, s, context))
+            same.append(_Copy(seq, n.session, at, duplicate_of))
+        if duplicate_of is not None:
+            duplicates += 1
         if n.quarantine_reason is not None:
             quarantined += 1
-        digest = payload_sha256(n.payload)
-        prev = chain_hash(prev, seq, at, row_source, digest, duplicate_of, n.quarantine_reason)
+        prev = chain_hash(prev, seq, at, row_source, digest, duplicate_of, n.quarantine_reason, n.kind, n.session)
         rows.append({
             "seq": seq, "received_at": at, "source": row_source, "channel": n.channel,
             "message_id": n.message_id, "message_type": n.message_type,
             "notification_type": n.notification_type, "workitem_id": n.workitem_id,
             "reference_id": n.reference_id, "payload": n.payload, "payload_sha256": digest,
             "chain_hash": prev, "duplicate_of": duplicate_of, "quarantine_reason": n.quarantine_reason,
+            "kind": n.kind, "session": n.session,
         })
     insert_rows(conn, event_log, rows)
     return AppendResult(first_seq, seq, len(rows), duplicates, quarantined)
@@ -130,8 +243,13 @@ def append(conn: Connection, notifications: Sequence[Notification], *, source: s
 
 # -- reading -----------------------------------------------------------------------------------
 
+SNAPSHOT_EVENT = "Snapshot"  # Event.notification_type of a snapshot row
+
+
 class Event(NamedTuple):
-    """A projectable log row (not a duplicate, not quarantined), with its message's ``data``."""
+    """A projectable log row: a notification (not a duplicate, not quarantined), with its
+    message's ``data``, or a snapshot (``notification_type`` "Snapshot", ``data`` the response
+    body, ``reconcile`` filled in by the workitems projection: see projections/workitems.py)."""
 
     seq: int
     received_at: dt.datetime
@@ -141,12 +259,21 @@ class Event(NamedTuple):
     reference_id: str | None
     data: dict
     workitem: dict  # data.workitem, or {} when absent or not an object
+    reconcile: dict | None = None
 
 
-def event_from_row(row, data: dict) -> Event:
-    """An Event from a row whose first six columns are Event's, and its message's data."""
+def event_from_row(row, payload: str, kind: str = NOTIFICATION) -> Event:
+    """An Event from a row whose first six columns are Event's, and its payload."""
+    if kind == SNAPSHOT:
+        return Event(row[0], row[1], row[2], SNAPSHOT_EVENT, None, None, load_json(payload), {}, {})
+    data = load_json(payload)["data"]
     workitem = data.get("workitem")
     return Event(*row[:6], data, workitem if isinstance(workitem, dict) else {})
+
+
+PROJECTABLE = and_(event_log.c.quarantine_reason.is_(None),
+                   or_(and_(event_log.c.kind == NOTIFICATION, event_log.c.duplicate_of.is_(None)),
+                       event_log.c.kind == SNAPSHOT))
 
 
 def read_events(conn: Connection, after_seq: int, upto_seq: int | None = None,
@@ -154,8 +281,9 @@ def read_events(conn: Connection, after_seq: int, upto_seq: int | None = None,
     """Projectable events with after_seq < seq <= upto_seq, in seq order, in lists of ``chunk``."""
     c = event_log.c
     query = (
-        select(c.seq, c.received_at, c.source, c.notification_type, c.workitem_id, c.reference_id, c.payload)
-        .where(c.duplicate_of.is_(None), c.quarantine_reason.is_(None))
+        select(c.seq, c.received_at, c.source, c.notification_type, c.workitem_id, c.reference_id, c.payload,
+               c.kind)
+        .where(PROJECTABLE)
         .order_by(c.seq)
         .limit(chunk)
     )
@@ -165,5 +293,5 @@ def read_events(conn: Connection, after_seq: int, upto_seq: int | None = None,
         rows = conn.execute(query.where(c.seq > after_seq)).all()
         if not rows:
             return
-        yield [event_from_row(r, load_json(r[6])["data"]) for r in rows]
+        yield [event_from_row(r, r[6], r[7]) for r in rows]
         after_seq = rows[-1][0]

@@ -24,6 +24,12 @@ from typing import Any
 import orjson
 
 MESSAGE_TYPE = "WorkitemStateChangeMessage"
+# What a log row is (event_log.kind): a notification, or one of the records live ingest adds so
+# that an auditor can judge completeness: a session marker (a CometD session started, was lost,
+# resumed or ended) or a snapshot (the agent's workitems read after a handshake).
+NOTIFICATION, SESSION, SNAPSHOT = "notification", "session", "snapshot"
+KINDS = (NOTIFICATION, SESSION, SNAPSHOT)
+SESSION_EVENTS = ("started", "resumed", "lost", "ended", "snapshot-failed")
 STATUS_CHANGE, PROPERTIES_UPDATED, ERROR = "StatusChange", "PropertiesUpdated", "Error"
 NOTIFICATION_TYPES = (STATUS_CHANGE, PROPERTIES_UPDATED, ERROR)
 # Quarantine reasons whose payload is the whole input line rather than a message.
@@ -66,6 +72,8 @@ class Notification:
     workitem_id: str | None
     reference_id: str | None
     quarantine_reason: str | None
+    kind: str = NOTIFICATION
+    session: str | None = None  # the live session that received it (envelope "session" on import)
 
 
 def _object_spans(line: str) -> dict[str, tuple[Any, int, int]] | None:
@@ -126,7 +134,7 @@ def parse_timestamp(value: Any) -> dt.datetime:
     return parsed.astimezone(dt.timezone.utc)
 
 
-def unreadable(payload: str, reason: str, received_at=None, source=None) -> Notification:
+def unreadable(payload: str, reason: str | None, received_at=None, source=None) -> Notification:
     """A line that is not a readable message: kept whole, quarantined for ``reason``."""
     return Notification(payload, received_at, source, None, None, None, None, None, None, reason)
 
@@ -223,13 +231,25 @@ def _envelope(line: str, envelope: dict, payload: str | None) -> Notification:
     """An envelope line: ``payload`` is the raw text of its message (None for a "line" one)."""
     try:
         received_at = parse_timestamp(envelope["received_at"])
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         return unreadable(line, f"envelope received_at is not a timestamp: {exc}")
     source = envelope.get("source")
     if not isinstance(source, str) or not source:
         return unreadable(line, "envelope source is not a non-empty string", received_at)
+    kind, session = envelope.get("kind", NOTIFICATION), envelope.get("session")
+    if kind not in KINDS:
+        return unreadable(line, f"envelope kind is not one of {', '.join(KINDS)}", received_at, source)
+    if session is not None and (not isinstance(session, str) or not session):
+        return unreadable(line, "envelope session is not a non-empty string", received_at, source)
+    if kind != NOTIFICATION:
+        # A session marker or snapshot (what export writes for those rows): its payload is the
+        # "line" string exactly, never parsed as an input line of its own.
+        if not isinstance(envelope.get("line"), str):
+            return unreadable(line, f"envelope of kind {kind} has no line string", received_at, source)
+        return replace(classify_record(kind, envelope["line"]), received_at=received_at, source=source,
+                       session=session)
     if payload is not None:
-        return classify(payload, envelope["message"], received_at, source)
+        return replace(classify(payload, envelope["message"], received_at, source), session=session)
     if not isinstance(envelope["line"], str):
         return unreadable(line, "envelope line is not a string", received_at, source)
     # An exported row whose payload was a whole input line (not JSON, or a broken envelope).
@@ -238,14 +258,62 @@ def _envelope(line: str, envelope: dict, payload: str | None) -> Notification:
     if isinstance(reason, str) and reason and reason != inner.quarantine_reason:
         # A reason decided on the raw bytes (not UTF-8, NUL), which the text cannot show again.
         inner = unreadable(envelope["line"], reason)
-    return replace(inner, received_at=inner.received_at or received_at, source=inner.source or source)
+    return replace(inner, received_at=inner.received_at or received_at, source=inner.source or source,
+                   session=inner.session or session)
 
 
-def reclassify(payload: str, quarantine_reason: str | None) -> Notification:
+def reclassify(payload: str, quarantine_reason: str | None, kind: str = NOTIFICATION) -> Notification:
     """Classify a stored payload again, as it was classified when appended (for ``verify``)."""
+    if kind != NOTIFICATION:
+        return classify_record(kind, payload)
     if (quarantine_reason or "").startswith(LINE_REASONS):
         return parse_line(payload)
     return classify(payload, load_json(payload))
+
+
+def classify_record(kind: str, payload: str) -> Notification:
+    """A session marker or a snapshot (``kind``), from its payload text; quarantined when the
+    payload is not what that kind must be (a snapshot row then heals nothing)."""
+    try:
+        value = load_json(payload)
+    except ValueError as exc:
+        return replace(unreadable(payload, f"{kind} is not JSON: {exc}"), kind=kind)
+    if kind == SESSION:
+        reason = None if isinstance(value, dict) and value.get("event") in SESSION_EVENTS else \
+            f"session marker without an event of {', '.join(SESSION_EVENTS)}"
+    elif not isinstance(value, dict) or not isinstance(value.get("workitems"), list):
+        reason = "snapshot without a workitems list"
+    elif value.get("statusCode", 0) != 0:
+        reason = f"snapshot statusCode is {as_text(value.get('statusCode'))}"
+    elif not _storable(value):
+        reason = UNSTORABLE
+    else:
+        reason = None
+    return replace(unreadable(payload, reason), kind=kind)
+
+
+def snapshot_workitems(data: dict) -> dict[str, dict]:
+    """The workitem resources a (valid) snapshot lists, by id as text; entries that are not
+    objects with an id are left out."""
+    listed = {}
+    for resource in data.get("workitems", []):
+        if isinstance(resource, dict) and (wid := as_text(resource.get("id"))) is not None:
+            listed[wid] = resource
+    return listed
+
+
+def decode_text(raw: bytes) -> tuple[str, str | None]:
+    """Bytes as the text the log stores, and a quarantine reason when they are not storable
+    text: bytes that are not UTF-8 are kept as ``\\xNN`` and NUL as the four characters
+    ``\\x00`` (PostgreSQL text cannot hold NUL)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = raw.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+        return text, f"not UTF-8 text: {exc.reason} at byte {exc.start}"
+    if "\x00" in text:
+        return text.replace("\x00", "\\x00"), "not JSON: contains NUL characters"
+    return text, None
 
 
 def classify(payload: str, message: Any, received_at=None, source=None) -> Notification:
@@ -289,6 +357,9 @@ def utc_text(at: dt.datetime) -> str:
     return at.isoformat(timespec="microseconds")[:26] + "Z"  # [:26] drops "+00:00"
 
 
-def envelope_line(received_at: dt.datetime, source: str, payload: str) -> str:
+def envelope_line(received_at: dt.datetime, source: str, payload: str, session: str | None = None) -> str:
     """The envelope line ``export`` writes: the message's own text embedded unchanged."""
-    return f'{{"received_at": "{utc_text(received_at)}", "source": {json.dumps(source)}, "message": {payload}}}'
+    at = f'{{"received_at": "{utc_text(received_at)}", "source": {json.dumps(source)}, '
+    if session is not None:
+        at += f'"session": {json.dumps(session)}, '
+    return at + f'"message": {payload}}}'

@@ -110,9 +110,19 @@ event_log = Table(
     Column("chain_hash", String(64), nullable=False),
     Column("duplicate_of", BigInteger),
     Column("quarantine_reason", Text),
+    Column("kind", Text, nullable=False, server_default=text("'notification'")),
+    Column("session", Text),
     Index(None, "workitem_id", "seq"),
     Index(None, "source", "reference_id"),
     Index(None, "source", "message_id"),
+    # Partial indexes: only the rows each serves.  Queries repeat the WHERE term literally (SQLite
+    # uses a partial index only when the query's WHERE implies the index's).
+    Index(None, "payload_sha256", sqlite_where=text("message_id IS NULL"),
+          postgresql_where=text("message_id IS NULL")),  # duplicates without ids (log.py)
+    Index(None, "session", "received_at", sqlite_where=text("session IS NOT NULL"),
+          postgresql_where=text("session IS NOT NULL")),  # a live session's rows
+    Index(None, "kind", "seq", sqlite_where=text("kind <> 'notification'"),
+          postgresql_where=text("kind <> 'notification'")),  # markers and snapshots
 )
 
 imported_files = Table(
@@ -143,6 +153,8 @@ workitems = Table(
     Column("last_seen_at", UTCDateTime, nullable=False),
     Column("notification_count", Integer, nullable=False),
     Column("error_count", Integer, nullable=False),
+    Column("source", Text),
+    Index(None, "source"),
 )
 
 workitem_transitions = Table(
@@ -220,4 +232,16 @@ capability_timeline = Table(
     Column("seconds", Float), Column("is_open", Integer),
 )
 
-VIEWS = (workitem_state_durations, request_outcome_summary, capability_timeline)
+notifications = Table(
+    "notifications", views_metadata,
+    *(Column(c.name, c.type) for c in event_log.columns if c.name not in ("kind", "session")),
+    Column("session", Text),
+)
+ingest_gaps = Table(
+    "ingest_gaps", views_metadata,
+    Column("source", Text), Column("gap_started_at", UTCDateTime), Column("gap_ended_at", UTCDateTime),
+    Column("cause", Text), Column("snapshot_seq", BigInteger), Column("lost_session", Text),
+    Column("lost_seq", BigInteger), Column("resumed_session", Text), Column("resumed_seq", BigInteger),
+)
+
+VIEWS = (workitem_state_durations, request_outcome_summary, capability_timeline, notifications, ingest_gaps)

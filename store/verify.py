@@ -45,7 +45,7 @@ def verify_chain(conn: Connection, report: VerifyReport, chunk: int = 10_000) ->
     """Recompute payload hashes and the chain from seq 1; stop at the first broken link."""
     c = event_log.c
     query = (select(c.seq, c.received_at, c.source, c.payload, c.payload_sha256, c.chain_hash,
-                    c.duplicate_of, c.quarantine_reason, *(c[name] for name in EXTRACTED))
+                    c.duplicate_of, c.quarantine_reason, c.kind, c.session, *(c[name] for name in EXTRACTED))
              .order_by(c.seq).limit(chunk))
     prev, expected_seq = GENESIS_HASH, 1
     while True:
@@ -60,12 +60,13 @@ def verify_chain(conn: Connection, report: VerifyReport, chunk: int = 10_000) ->
             if digest != r.payload_sha256:
                 report.chain_break = ChainBreak(r.seq, "payload_sha256", digest, r.payload_sha256)
                 return
-            link = chain_hash(prev, r.seq, r.received_at, r.source, digest, r.duplicate_of, r.quarantine_reason)
+            link = chain_hash(prev, r.seq, r.received_at, r.source, digest, r.duplicate_of, r.quarantine_reason,
+                              r.kind, r.session)
             if link != r.chain_hash:
                 report.chain_break = ChainBreak(r.seq, "chain_hash", link, r.chain_hash)
                 return
             if report.column_mismatch is None:
-                derived = reclassify(r.payload, r.quarantine_reason)
+                derived = reclassify(r.payload, r.quarantine_reason, r.kind)
                 for name in EXTRACTED:
                     if getattr(derived, name) != getattr(r, name):
                         report.column_mismatch = ChainBreak(r.seq, name, str(getattr(derived, name)),

@@ -139,3 +139,29 @@ def fresh_store(kind: str):
             yield engine
         finally:
             engine.dispose()
+
+
+# -- live ingest records (what store/ingest/gws.py writes), as export writes them ------------------
+
+def marker(source: str, session: str, event: str, when: dt.datetime, **fields) -> str:
+    """A session marker row as an export line."""
+    payload = json.dumps({"event": event, "source": source, **fields})
+    return json.dumps({"received_at": when.isoformat(), "source": source, "kind": "session",
+                       "session": session, "line": payload})
+
+
+def started(source: str, session: str, when: dt.datetime, handshake_at: dt.datetime | None = None) -> str:
+    return marker(source, session, "started", when, handshake_at=(handshake_at or when).isoformat())
+
+
+def snapshot(source: str, session: str, when: dt.datetime, workitems: list[dict], status_code: int = 0) -> str:
+    """A snapshot row (GET /api/v2/me/workitems) as an export line."""
+    body = json.dumps({"statusCode": status_code, "workitems": workitems})
+    return json.dumps({"received_at": when.isoformat(), "source": source, "kind": "snapshot",
+                       "session": session, "line": body})
+
+
+def live(d: dict, source: str, session: str, when: dt.datetime) -> str:
+    """A notification received live by ``session`` (no Bayeux id, as real servers send them)."""
+    return json.dumps({"received_at": when.isoformat(), "source": source, "session": session,
+                       "message": {"channel": CHANNEL, "data": d}})

@@ -606,7 +606,7 @@ def test_view_semantics_on_a_small_stream(db_url):
     # Through the Core declarations of store/schema.py the timestamps come back as UTC datetimes.
     engine = open_store(db_url)
     with engine.connect() as conn:
-        for view in VIEWS:
+        for view in (v for v in VIEWS if v.name in VIEW_COLUMNS):
             declared = [dict(r._mapping) for r in conn.execute(select(view))]
             assert sorted(declared, key=lambda r: tuple(r[k] for k in VIEW_KEYS[view.name])) == views[view.name]
     engine.dispose()

@@ -35,7 +35,7 @@ def write(path: Path, lines) -> Path:
 LINES = [
     bayeux(data("StatusChange", "W1", state="Invited", caps=["Accept"], ref=1), mid="1"),
     bayeux(data("StatusChange", "W1", state="Processing", caps=["Complete"], ref=2), mid="2"),
-    bayeux(data("StatusChange", "W1", state="Invited", ref=1), mid="1"),  # duplicate
+    bayeux(data("StatusChange", "W1", state="Invited", caps=["Accept"], ref=1), mid="1"),  # duplicate
     "garbage",  # quarantined
     bare(data("Deleted", "W1")),  # quarantined
     bare(data("Error", "W2", ref=3, code=500, message="timeout")),

@@ -62,7 +62,7 @@ def test_workitem_fields_change_only_when_their_key_is_present(engine, load):
         "workitem_id": "W1", "state": "Processing", "workitem_type": "Inbound", "uri": "http://gws/w/W1",
         "capabilities": ["Reject", "Accept", "Extra"], "user_data": {"a": 2, "b": [1, "x"]},
         "first_seq": 1, "last_seq": 5, "first_seen_at": at(0), "last_seen_at": at(4),
-        "notification_count": 5, "error_count": 0,
+        "notification_count": 5, "error_count": 0, "source": "A",
     }
     assert w["first_seen_at"].utcoffset() == dt.timedelta(0)
 
@@ -191,7 +191,7 @@ def test_checkpoints_advance_over_rows_that_are_not_applied(engine):
     result = runner.project(engine)
     assert (result.applied, result.to_seq) == (0, 3)
     with engine.connect() as conn:
-        assert set(checkpoints(conn).values()) == {(3, 1)}
+        assert checkpoints(conn) == {name: (3, version) for name, version in CODE_VERSIONS.items()}
 
 
 def test_incremental_equals_rebuild_and_compute(engine):
@@ -208,7 +208,7 @@ def test_incremental_equals_rebuild_and_compute(engine):
     assert set(rebuilt.rebuilt) == set(CODE_VERSIONS)
     with engine.connect() as conn:
         assert projection_snapshot(conn) == incremental
-        assert set(checkpoints(conn).values()) == {(600, 1)}
+        assert checkpoints(conn) == {name: (600, version) for name, version in CODE_VERSIONS.items()}
     for table, rows in incremental.items():
         key = lambda r: tuple(str(v) for v in r.values())  # noqa: E731
         assert sorted(computed[table], key=key) == sorted(rows, key=key), table
@@ -237,7 +237,9 @@ def test_rebuild_recomputes_from_seq_1(engine):
         assert verify(conn).ok
 
 
-def test_a_changed_version_rebuilds_that_projection(engine):
+def test_a_changed_version_rebuilds_every_projection(engine):
+    """All four advance in step: the workitems projection decides what snapshots change for the
+    others (projections/base.py)."""
     lines = list(simulate(300, agents=3, seed=8, duplicate_rate=0.05))
     feed(engine, lines[:200])
     runner.project(engine)
@@ -247,7 +249,7 @@ def test_a_changed_version_rebuilds_that_projection(engine):
         conn.execute(update(workitems).values(state="STALE", notification_count=0))
     feed(engine, lines[200:])
     result = runner.project(engine)
-    assert result.rebuilt == ("workitems",)
+    assert result.rebuilt == tuple(CODE_VERSIONS)
     assert result.to_seq == 300
     with engine.connect() as conn:
         assert checkpoints(conn) == {name: (300, version) for name, version in CODE_VERSIONS.items()}

@@ -7,14 +7,27 @@ Each response's non-meta messages go, in the order received, to ``on_batch`` as 
 ``(message, raw_text)``: ``raw_text`` is the exact text of that message in the response body
 (``raw_text.encode()`` gives its bytes back).
 
-With the ack extension (the server answers the handshake with ``ext.ack: true``) every connect
-reply numbers its batch in ``ext.ack``, and the next connect sends back the number of the last
-batch whose callback *returned*: a batch whose callback raised, or that never arrived, is sent
-again by the server (at least once; duplicates only for batches not acknowledged).
+With the ack extension (the server answers the handshake with ``ext.ack: true``, or with
+``{"enabled": true, "batch": N}`` as the Java server does when it delivers during the handshake)
+every connect reply numbers its batch in ``ext.ack``, and the next connect sends back the number
+of the last batch whose callback *returned*: a batch whose callback raised, or that never
+arrived, is sent again by the server within the same server session.  The queue of a server
+session dies with it: nothing published while no session existed is ever delivered.
+
+Session events go to ``on_event`` (awaited, in order with the batches), so that a caller can
+record where messages may be missing: ``started`` after each successful handshake and
+subscription, before any message of that session is handed on; ``lost`` when a session that had
+started is known to be gone (402, handshake advice, a refused connect, or, without the ack
+extension, a failed connect: the messages of a lost reply are gone), with ``since`` the last
+moment it was known to be followed; ``resumed`` when, without the ack extension, the same
+session answers again after such a failure; ``ended`` after a clean ``/meta/disconnect``.
 
 Errors: a 402 error (whatever its text) or ``reconnect: handshake`` advice → handshake and
-subscribe again, never just retry; ``reconnect: none`` → stop (``BayeuxError``); transport
-errors, HTTP 5xx and unreadable responses → exponential backoff with full jitter.
+subscribe again, never just retry; ``reconnect: none`` → stop (``BayeuxError``); a TLS
+certificate the client does not accept → stop at once (``BayeuxError`` naming the problem);
+transport errors, HTTP 5xx and unreadable responses → exponential backoff with full jitter; a
+callback that raises → the same connect again soon, without acknowledging (the session must
+stay alive: servers drop a session that sends no connect within maxInterval, 10 s by default).
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import json
 import logging
 import random
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +54,24 @@ Message = tuple[dict[str, Any], str]
 OnBatch = Callable[[list[Message]], Awaitable[None]]
 # on_http_error(status, body) -> truthy to retry (after a backoff); may be a coroutine function.
 OnHttpError = Callable[[int, str], Any]
+# How soon the same connect is sent again after the callback failed (seconds, at most).
+CALLBACK_RETRY_CAP = 1.0
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    """A change in what the client follows (times are epoch seconds)."""
+
+    kind: str  # "started" | "resumed" | "lost" | "ended"
+    client_id: str
+    at: float
+    ack: bool = False  # the ack extension is on for this session
+    handshake_at: float | None = None  # started: when the handshake request was sent
+    since: float | None = None  # lost: the last moment the session was known to be followed
+    cause: str | None = None  # lost, resumed: what happened
+
+
+OnEvent = Callable[[SessionEvent], Awaitable[None]]
 
 _RETRYABLE_STATUS = {408, 429}
 
@@ -50,7 +82,11 @@ class BayeuxError(Exception):
 
 
 class _Retry(Exception):
-    """A failure worth trying again after a backoff (transport, HTTP 5xx, callback failure)."""
+    """A failure worth trying again after a backoff (transport, HTTP 5xx)."""
+
+
+class _CallbackFailed(_Retry):
+    """on_batch raised: connect again soon without acknowledging, in the same session."""
 
 
 class _Rehandshake(Exception):
@@ -151,32 +187,40 @@ class BayeuxClient:
     the background and stops it on exit; or ``await client.run()`` in the foreground.
 
     ``on_batch(messages)`` receives each response's non-meta messages; it should return only
-    once they are safe (committed): that is when their batch is acknowledged.
+    once they are safe (committed): that is when their batch is acknowledged.  ``on_event``
+    receives the SessionEvents (see the module docstring).
 
     ``session``: an aiohttp.ClientSession to use (not closed here; give it a cookie jar with
     ``unsafe=True`` for IP-address hosts); by default the client makes and closes its own, so
     each client keeps its own cookies (BAYEUX_BROWSER, JSESSIONID).  ``auth`` (a BasicAuth or a
-    (login, password) pair) and ``headers()`` go on every request; ``on_http_error(status, body)`` sees every non-200 answer and returns truthy
-    to have the request retried after a backoff (e.g. once it has refreshed a CSRF token).
+    (login, password) pair) and ``headers()`` go on every request; ``ssl`` (an SSLContext) and
+    ``proxy`` (a URL) on every request too.  ``on_http_error(status, body)`` sees every non-200
+    answer and returns truthy to have the request retried after a backoff (e.g. once it has
+    refreshed a CSRF token).
 
     Counters, plain attributes for metrics: ``handshakes``, ``reconnects`` (sessions or
     connections re-established after a loss), ``failures``, ``callback_failures``,
-    ``messages_received`` (redeliveries included), ``last_message_at`` (epoch seconds).
+    ``messages_received`` (redeliveries included), ``last_message_at`` (epoch seconds);
+    ``connected`` and ``connected_since`` (epoch seconds of the last change of ``connected``).
     """
 
     def __init__(self, url: str, channels: Sequence[str], on_batch: OnBatch, *,
                  session: aiohttp.ClientSession | None = None,
                  auth: aiohttp.BasicAuth | tuple[str, str] | None = None,
                  headers: Callable[[], Mapping[str, str]] | None = None,
-                 on_http_error: OnHttpError | None = None,
+                 on_http_error: OnHttpError | None = None, on_event: OnEvent | None = None,
+                 ssl: ssl.SSLContext | None = None, proxy: str | None = None,
                  ack: bool = True, backoff_base: float = 0.5, backoff_cap: float = 30.0,
                  max_failures: int | None = None, network_delay: float = 10.0,
                  rng: random.Random | None = None):
-        self.url, self.channels, self._on_batch = url, list(channels), on_batch
+        self.url, self.channels, self._on_batch, self._on_event = url, list(channels), on_batch, on_event
         self._where = str(URL(url).with_user(None))  # for logs: never credentials
         self._session, self._owns_session = session, session is None
         self._authorization = basic_authorization(auth)
         self._headers, self._on_http_error = headers, on_http_error
+        self._request_options: dict[str, Any] = {"proxy": proxy}
+        if ssl is not None:
+            self._request_options["ssl"] = ssl
         self.ack, self.backoff_base, self.backoff_cap = ack, backoff_base, backoff_cap
         self.max_failures, self.network_delay, self._rng = max_failures, network_delay, rng
         self.advice = Advice()
@@ -186,9 +230,14 @@ class BayeuxClient:
         self.handshakes = self.reconnects = self.failures = self.callback_failures = 0
         self.messages_received = 0
         self.last_message_at: float | None = None
+        self.connected_since = time.time()
         self._acked = -1          # last batch handed safely to on_batch; -1: none yet (as CometD's AckExtension)
+        self._held: list[tuple[list[Message], int | None]] = []  # received before "started" was told
         self._connected = False   # the last connect succeeded: the next one may be held by the server
         self._recovering = False  # a loss happened since the last successful connect
+        self._started = False     # "started" was told for the current session, and no "lost" since
+        self._followed_at = 0.0   # epoch seconds of the last answer proving the session alive
+        self._handshake_at = 0.0
         self._next_id = 0
         self._task: asyncio.Task | None = None
         self._stopping = asyncio.Event()
@@ -237,9 +286,11 @@ class BayeuxClient:
             while not self._stopping.is_set():
                 try:
                     if need_handshake:
+                        await self._lose("a new session replaces it")
                         await self._handshake()
                         await self._subscribe()
                         need_handshake = False
+                        await self._start_following()
                     await self._connect()
                     failures = 0
                 except (_Rehandshake, _Retry) as exc:
@@ -255,9 +306,18 @@ class BayeuxClient:
                             raise BayeuxError(f"{failures} failures in a row, the last: {exc}") from exc
                         delay = max(delay, full_jitter(failures - 1, self.backoff_base,
                                                        self.backoff_cap, self._rng))
-                    self._connected, self._recovering = False, True
+                        if isinstance(exc, _CallbackFailed):
+                            delay = min(delay, CALLBACK_RETRY_CAP)
+                    if rehandshake:
+                        await self._lose(str(exc))
+                    elif not self.ack_enabled:
+                        # Without the ack extension, a reply lost on the way (or not stored) is
+                        # not sent again.
+                        await self._lose(f"{exc} (no ack extension: what that reply carried is not sent again)")
+                    self._set_connected(False)
+                    self._recovering = True
                     log.warning("Bayeux %s: %s; %s in %.3f s", self._where, exc,
-                                "handshake again" if rehandshake else f"retry {failures}", delay)
+                                "handshake again" if need_handshake else f"retry {failures}", delay)
                     await self._pause(delay)
         except (_Stopped, asyncio.CancelledError):
             if not self._stopping.is_set():
@@ -267,9 +327,10 @@ class BayeuxClient:
         except Exception as exc:
             self.error = exc
             log.error("Bayeux %s: client stopped: %s", self._where, exc)
+            await self._lose(str(exc))
             raise
         finally:
-            self._connected = False
+            self._set_connected(False)
         log.info("Bayeux %s: client stopped", self._where)
 
     async def stop(self) -> None:
@@ -291,8 +352,46 @@ class BayeuxClient:
                 log.info("Bayeux %s: disconnected", self._where)
             except (_Retry, BayeuxError) as exc:
                 log.warning("Bayeux %s: disconnect failed: %s", self._where, exc)
+            if self._started:
+                self._started = False
+                await self._tell(SessionEvent("ended", client_id, time.time(), self.ack_enabled,
+                                              cause="the client stopped (/meta/disconnect)"))
         if self._owns_session and self._session is not None:
             await self._session.close()
+
+    # -- session events ----------------------------------------------------------------------
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected != self._connected:
+            self._connected, self.connected_since = connected, time.time()
+
+    async def _tell(self, event: SessionEvent) -> None:
+        if self._on_event is not None:
+            await self._on_event(event)
+
+    async def _lose(self, cause: str) -> None:
+        """Tell that the started session is gone (once)."""
+        if self._started:
+            self._started = False
+            await self._tell(SessionEvent("lost", self.client_id or "", time.time(), self.ack_enabled,
+                                          since=self._followed_at, cause=cause))
+
+    async def _start_following(self) -> None:
+        """After a subscription: tell "started", then hand on what came with the handshake and
+        subscription replies (servers may deliver there without the ack extension)."""
+        self._followed_at = time.time()
+        event = SessionEvent("started", self.client_id or "", self._followed_at, self.ack_enabled,
+                             handshake_at=self._handshake_at)
+        try:
+            await self._tell(event)
+        except Exception as exc:
+            # Nothing of this session may be handed on before its start is recorded.
+            log.exception("Bayeux %s: on_event(started) failed", self._where)
+            raise _Rehandshake(f"recording the session start failed: {exc!r}") from exc
+        self._started = True
+        held, self._held = self._held, []
+        for batch, number in held:
+            await self._deliver(batch, number)
 
     # -- the protocol ------------------------------------------------------------------------
 
@@ -301,12 +400,13 @@ class BayeuxClient:
         return {"channel": channel, "id": str(self._next_id), **fields}
 
     async def _handshake(self) -> None:
-        self.client_id, self.ack_enabled, self._acked = None, False, -1
+        self.client_id, self.ack_enabled, self._acked, self._held = None, False, -1, []
         self.advice = Advice()  # a new session starts from default advice
         message = self._message("/meta/handshake", version="1.0", minimumVersion="1.0",
                                 supportedConnectionTypes=["long-polling"])
         if self.ack:
             message["ext"] = {"ack": True}
+        self._handshake_at = time.time()
         [reply] = await self._exchange(message)  # alone in its request: servers refuse company
         if not reply.get("successful"):
             if self.advice.reconnect == "none":
@@ -314,7 +414,10 @@ class BayeuxClient:
             raise _Retry(f"handshake unsuccessful: {reply.get('error')}")
         self.client_id = str(reply["clientId"])
         ext = reply.get("ext")
-        self.ack_enabled = self.ack and isinstance(ext, dict) and ext.get("ack") is True
+        ack = ext.get("ack") if isinstance(ext, dict) else None
+        # "true", or {"enabled": true, "batch": N} (Java AcknowledgedMessagesSessionExtension with
+        # message delivery during the handshake: the reply closes batch N, acknowledged as any).
+        self.ack_enabled = self.ack and (ack is True or (isinstance(ack, dict) and ack.get("enabled") is True))
         self.handshakes += 1
         log.info("Bayeux %s: handshake %d done (client %s..., ack extension %s)", self._where,
                  self.handshakes, self.client_id[:8], "on" if self.ack_enabled else "off")
@@ -349,9 +452,16 @@ class BayeuxClient:
             raise _Rehandshake("reconnect advice: handshake")
         if self.advice.reconnect == "none" or self.advice.interval < 0:
             raise BayeuxError("the server advised not to reconnect")
+        self._followed_at = time.time()
+        if not self._started:
+            # Without the ack extension a failed connect was told as "lost"; the same session
+            # answers again: following goes on, from now.
+            self._started = True
+            await self._tell(SessionEvent("resumed", self.client_id or "", self._followed_at, self.ack_enabled,
+                                          cause="the same session answered again"))
         if not self._connected:
             log.info("Bayeux %s: connected", self._where)
-            self._connected = True
+            self._set_connected(True)
         if self._recovering:
             self.reconnects, self._recovering = self.reconnects + 1, False
         # At least the advised interval between the end of a response and the next connect.
@@ -359,7 +469,7 @@ class BayeuxClient:
         await self._pause(self._answered_at + self.advice.interval / 1000 - loop.time())
 
     async def _exchange(self, *messages: dict, timeout: float | None = None) -> list[dict]:
-        """Send messages in one request, deliver the response's non-meta messages, take the
+        """Send messages in one request, hand on the response's non-meta messages, take the
         advice of the replies and return the reply to each message."""
         if self._stopping.is_set():
             raise _Stopped
@@ -377,12 +487,18 @@ class BayeuxClient:
                 self.advice = advice
             replies.append(reply)
         batch = None
-        if self.ack_enabled and messages[0]["channel"] == "/meta/connect":
+        channel = messages[0]["channel"]
+        if self.ack_enabled or channel == "/meta/handshake":
             ext = replies[0].get("ext")
             batch = ext.get("ack") if isinstance(ext, dict) else None
+            if isinstance(batch, dict):  # the handshake's object form
+                batch = batch.get("batch")
             batch = batch if isinstance(batch, int) and not isinstance(batch, bool) else None
-        await self._deliver([(m, raw) for m, raw in received
-                             if not str(m.get("channel", "")).startswith("/meta/")], batch)
+        delivered = [(m, raw) for m, raw in received if not str(m.get("channel", "")).startswith("/meta/")]
+        if channel in ("/meta/handshake", "/meta/subscribe"):
+            self._held.append((delivered, batch))  # handed on once "started" is told
+        else:
+            await self._deliver(delivered, batch)
         return replies
 
     async def _deliver(self, batch: list[Message], number: int | None) -> None:
@@ -393,11 +509,11 @@ class BayeuxClient:
                 await self._on_batch(batch)
             except Exception as exc:
                 self.callback_failures += 1
-                log.exception("Bayeux %s: on_batch failed for %d messages; %s", self._where, len(batch),
-                              "not acknowledged, the server will send them again" if number is not None
-                              else "no ack extension: the server will not send them again")
-                raise _Retry(f"on_batch failed: {exc!r}") from exc
-        if number is not None:
+                log.warning("Bayeux %s: on_batch failed for %d messages (%r); %s", self._where, len(batch), exc,
+                            "not acknowledged, the server will send them again" if number is not None
+                            else "no ack extension: the server will not send them again")
+                raise _CallbackFailed(f"on_batch failed: {exc!r}") from exc
+        if number is not None and self.ack_enabled:
             self._acked = number  # sent back with the next connect
 
     async def _post(self, messages: list[dict], timeout: float) -> list[Message]:
@@ -410,8 +526,13 @@ class BayeuxClient:
         self._waiting = True
         try:
             async with self._session.post(self.url, data=json.dumps(messages), headers=headers,
-                                          timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                                          timeout=aiohttp.ClientTimeout(total=timeout),
+                                          **self._request_options) as response:
                 status, body = response.status, await response.read()
+        except aiohttp.ClientSSLError as exc:
+            # A certificate the client does not accept (or a TLS set-up that cannot work) does
+            # not get better by retrying: stop, saying what is wrong.
+            raise BayeuxError(f"TLS with {self._where} failed: {tls_problem(exc)}") from exc
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _Retry(f"{type(exc).__name__}: {exc}") from exc
         finally:
@@ -426,7 +547,7 @@ class BayeuxClient:
                     retry = await retry
             if retry or status >= 500 or status in _RETRYABLE_STATUS:
                 raise _Retry(f"HTTP {status}")
-            raise BayeuxError(f"HTTP {status} from {self._where}")
+            raise BayeuxError(f"HTTP {status} from {self._where}: {text[:200]}")
         try:
             return split_messages(body.decode("utf-8"))  # JSON is UTF-8 (RFC 8259)
         except ValueError as exc:
@@ -439,3 +560,14 @@ class BayeuxClient:
                 await asyncio.wait_for(self._stopping.wait(), seconds)
             except TimeoutError:
                 pass
+
+
+def tls_problem(exc: aiohttp.ClientSSLError) -> str:
+    """What is wrong, in words: the verification error of a refused certificate (e.g.
+    "certificate verify failed: self-signed certificate in certificate chain"), else the
+    TLS error itself."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        error = exc.certificate_error
+        return f"the server's certificate was not accepted: {getattr(error, 'verify_message', None) or error}" + \
+            " (give the CA that signed it with --ca-file)"
+    return str(getattr(exc, "os_error", None) or exc)

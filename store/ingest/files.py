@@ -19,7 +19,7 @@ from sqlalchemy import Engine, select
 
 from .. import log
 from ..db import StoreError, collections_postponed, write_transaction
-from ..notifications import Notification, parse_line, unreadable
+from ..notifications import Notification, decode_text, parse_line, unreadable
 from ..schema import imported_files
 
 BATCH_LINES = 20_000
@@ -49,15 +49,9 @@ def decode_line(raw: bytes) -> Notification | None:
         raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
     if not raw.strip():
         return None
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        # Kept as text with the bad bytes (and any NUL, which PostgreSQL text refuses) escaped.
-        text = raw.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
-        return unreadable(text, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
-    if "\x00" in line:
-        # A NUL cannot be stored in a PostgreSQL text column, and is never valid JSON.
-        return unreadable(line.replace("\x00", "\\x00"), "not JSON: contains NUL characters")
+    line, reason = decode_text(raw)
+    if reason is not None:
+        return unreadable(line, reason)
     return parse_line(line)
 
 
@@ -105,12 +99,17 @@ def import_stream(engine: Engine, stream: BinaryIO, *, file_name: str, source: s
     """
     result = ImportResult(file_name)
     digest = hashlib.sha256()
+    context = log.AppendContext()
     with write_transaction(engine) as conn, collections_postponed():
         if refuse_sha256 is not None:
             log.lock_for_append(conn)
             _refuse_if_imported(conn, refuse_sha256, file_name)
+        next_free = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
         for raw_lines in _batches(stream, digest):
-            received_at = dt.datetime.now(dt.timezone.utc)
+            # Lines without an envelope: the time of reading, one microsecond apart (log.append),
+            # never reusing an instant of the batch before.
+            received_at = max(dt.datetime.now(dt.timezone.utc), next_free)
+            next_free = received_at + len(raw_lines) * log.MICROSECOND
             batch = []
             for raw in raw_lines:
                 n = decode_line(raw)
@@ -121,7 +120,7 @@ def import_stream(engine: Engine, stream: BinaryIO, *, file_name: str, source: s
                 if n.quarantine_reason:
                     reason = n.quarantine_reason.split(":")[0]
                     result.reasons[reason] = result.reasons.get(reason, 0) + 1
-            appended = log.append(conn, batch, source=source, received_at=received_at)
+            appended = log.append(conn, batch, source=source, received_at=received_at, context=context)
             result.lines += len(batch)
             result.appended += appended.appended
             result.duplicates += appended.duplicates

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import Connection, Table, tuple_
 
-from ..log import Event
+from ..log import SNAPSHOT_EVENT, Event
 
 IN_CHUNK = 900  # keys per IN (...) list
 
@@ -19,6 +19,12 @@ class Projection:
     the cache holds every key (a rebuild, or an in-memory reconstruction): nothing is loaded from
     the table then.  ``flush`` writes what changed since the last flush; ``rows`` is every row of
     a complete in-memory run that never flushed.
+
+    Snapshots (events with ``notification_type`` "Snapshot") are decided once, by the workitems
+    projection, which fills ``event.reconcile`` ({workitem_id: the listed resource, or None for a
+    workitem the snapshot closes}); the other projections apply that decision.  So the workitems
+    projection must see each list of events first (``PROJECTIONS`` order; runner and audit
+    replay them in that order).
     """
 
     name: ClassVar[str]
@@ -30,8 +36,15 @@ class Projection:
         self.state: dict[Any, Any] = {}
 
     def key(self, event: Event) -> Any | None:
-        """The state key an event touches, or None when the projection ignores it."""
+        """The state key a notification touches, or None when the projection ignores it."""
         raise NotImplementedError
+
+    def keys(self, event: Event) -> Iterable:
+        """The state keys an event touches: a snapshot touches the workitems it reconciles."""
+        if event.notification_type == SNAPSHOT_EVENT:
+            return event.reconcile or ()
+        key = self.key(event)
+        return () if key is None else (key,)
 
     def load(self, conn: Connection, keys: set) -> None:
         """Put the table's current state for ``keys`` (none of them cached yet) into ``state``."""
@@ -51,7 +64,7 @@ class Projection:
     def apply_all(self, conn: Connection | None, events: list[Event]) -> None:
         """Load missing state (unless complete), then apply ``events`` in order."""
         if not self.complete:
-            missing = {k for k in map(self.key, events) if k is not None and k not in self.state}
+            missing = {k for event in events for k in self.keys(event) if k not in self.state}
             if missing:
                 self.load(conn, missing)
         for event in events:

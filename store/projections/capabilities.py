@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from sqlalchemy import bindparam, select
 
+from ..log import SNAPSHOT_EVENT
 from ..notifications import ERROR
 from ..schema import capability_history as history
 from ..db import insert_rows
@@ -16,7 +17,7 @@ from .workitems import capability_list
 
 class CapabilityHistory(Projection):
     name = "capability_history"
-    version = 1
+    version = 2
     table = history
 
     def __init__(self, *, complete: bool = False):
@@ -38,12 +39,15 @@ class CapabilityHistory(Projection):
             self.state[wid][capability] = granted_seq
 
     def apply(self, event):
-        if event.workitem_id is None or event.notification_type == ERROR:
-            return
-        now = capability_list(event.workitem.get("capabilities"))
+        if event.notification_type == SNAPSHOT_EVENT:
+            for wid, resource in event.reconcile.items():
+                self._set(event, wid, [] if resource is None else capability_list(resource.get("capabilities")))
+        elif event.workitem_id is not None and event.notification_type != ERROR:
+            self._set(event, event.workitem_id, capability_list(event.workitem.get("capabilities")))
+
+    def _set(self, event, wid: str, now: list[str] | None) -> None:
         if now is None:
             return
-        wid = event.workitem_id
         open_ = self.state.setdefault(wid, {})
         if len(now) == len(open_) and all(capability in open_ for capability in now):
             return  # the same capabilities again (the usual PropertiesUpdated)

@@ -25,6 +25,10 @@ class RequestOutcomes(Projection):
     def key(self, event):
         return None if event.reference_id is None else (event.source, event.reference_id)
 
+    def keys(self, event):
+        key = self.key(event)  # a snapshot answers no request
+        return () if key is None else (key,)
+
     def load(self, conn, keys):
         for row in select_in(conn, select(outcomes), [outcomes.c.source, outcomes.c.reference_id], keys):
             self.state[(row.source, row.reference_id)] = dict(row._mapping)

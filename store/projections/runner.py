@@ -73,32 +73,34 @@ def _reset(conn: Connection, projections: list[Projection]) -> None:
 
 
 def project(engine: Engine, progress: Progress | None = None) -> ProjectResult:
-    """Apply every log row past each projection's checkpoint; idempotent.
+    """Apply every log row past the projections' checkpoint; idempotent.
 
-    A projection whose stored version differs from the code's is rebuilt from seq 1.
+    When a projection's stored version differs from the code's (or the checkpoints disagree),
+    every projection is recomputed from seq 1, together: the workitems projection decides what
+    each snapshot changes for the others (projections/base.py), so they must advance in step.
     """
-    applied, start, rebuilt = 0, None, []
+    applied, start, rebuilt = 0, None, ()
     while True:
         with write_transaction(engine) as conn:
             stored = _lock_checkpoints(conn)
             head_seq = log.head(conn)[0]
-            projections = []
-            for cls in PROJECTIONS:
-                last_seq, version = stored.get(cls.name, (0, cls.version))
-                if version != cls.version:
-                    rebuilt.append(cls.name)
-                    _reset(conn, [cls(complete=True)])
-                    last_seq = 0
-                projections.append((last_seq, cls(complete=last_seq == 0)))
-            after = min(last_seq for last_seq, _ in projections)
+            points = [stored.get(cls.name, (0, cls.version)) for cls in PROJECTIONS]
+            if len({seq for seq, _ in points}) > 1 or any(
+                    version != cls.version for (_, version), cls in zip(points, PROJECTIONS)):
+                rebuilt = tuple(cls.name for cls in PROJECTIONS)
+                _reset(conn, [cls(complete=True) for cls in PROJECTIONS])
+                after = 0
+            else:
+                after = points[0][0]
             start = after if start is None else start
             if after >= head_seq:
-                return ProjectResult(applied, start, after, tuple(rebuilt))
+                if rebuilt and after == 0:
+                    _save_checkpoints(conn, [cls() for cls in PROJECTIONS], 0)
+                return ProjectResult(applied, start, after, rebuilt)
             upto = min(head_seq, after + TRANSACTION_EVENTS)
-            # Projections behind the others (after a version change) catch up first, alone.
-            behind = [p for last_seq, p in projections if last_seq == after]
-            applied += _run(conn, behind, after, upto, progress, head_seq)
-            _save_checkpoints(conn, behind, upto)
+            projections = [cls(complete=after == 0) for cls in PROJECTIONS]
+            applied += _run(conn, projections, after, upto, progress, head_seq)
+            _save_checkpoints(conn, projections, upto)
 
 
 def rebuild(engine: Engine, progress: Progress | None = None) -> ProjectResult:

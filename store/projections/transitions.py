@@ -1,4 +1,5 @@
-"""``workitem_transitions``: one row each time a workitem's state differs from its previous one.
+"""``workitem_transitions``: one row each time a workitem's state differs from its previous one
+(``notification_type`` "Snapshot" when a snapshot, not a notification, showed the new state).
 
 The only writer of that table.
 """
@@ -7,15 +8,17 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
+from ..log import SNAPSHOT_EVENT
 from ..notifications import ERROR, as_text
 from ..schema import workitem_transitions as transitions
 from ..db import insert_rows
 from .base import Projection, select_in
+from .workitems import ABSENT
 
 
 class WorkitemTransitions(Projection):
     name = "workitem_transitions"
-    version = 1
+    version = 2
     table = transitions
 
     def __init__(self, *, complete: bool = False):
@@ -42,15 +45,19 @@ class WorkitemTransitions(Projection):
             self.state.setdefault(wid, None)
 
     def apply(self, event):
-        if event.workitem_id is None or event.notification_type == ERROR:
-            return
-        new = as_text(event.workitem.get("state"))
-        old = self.state.get(event.workitem_id)
+        if event.notification_type == SNAPSHOT_EVENT:
+            for wid, resource in event.reconcile.items():
+                self._change(event, wid, ABSENT if resource is None else as_text(resource.get("state")))
+        elif event.workitem_id is not None and event.notification_type != ERROR:
+            self._change(event, event.workitem_id, as_text(event.workitem.get("state")))
+
+    def _change(self, event, wid: str, new: str | None) -> None:
+        old = self.state.get(wid)
         if new is None or new == old:
             return
-        self.state[event.workitem_id] = new
+        self.state[wid] = new
         self.pending.append({
-            "workitem_id": event.workitem_id, "seq": event.seq, "at": event.received_at,
+            "workitem_id": wid, "seq": event.seq, "at": event.received_at,
             "from_state": old, "to_state": new, "notification_type": event.notification_type,
             "source": event.source, "reference_id": event.reference_id,
         })

@@ -1,13 +1,25 @@
-"""``workitems``: the current state of each workitem.  The only writer of that table."""
+"""``workitems``: the current state of each workitem.  The only writer of that table.
+
+It also decides what a snapshot (the agent's workitems read after a handshake, docs/RULES.md
+section 5.5) changes, for every projection: ``event.reconcile`` maps each workitem the snapshot
+reconciles to its listed resource, or to None when the snapshot closes it (open in the store,
+held by the snapshot's source, not listed).
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
-from ..notifications import ERROR, as_text
+from ..log import SNAPSHOT_EVENT
+from ..notifications import ERROR, as_text, snapshot_workitems
 from ..schema import workitems
 from ..db import insert_rows
 from .base import Projection, select_in
+
+# The state of a workitem that was open in the store, held by a source, and absent from that
+# source's snapshot: it ended (completed, rejected, revoked, transferred) while nobody listened.
+ABSENT = "Absent"
+CLOSED_STATES = ("Completed", "Revoked", ABSENT)
 
 
 def capability_list(value) -> list[str] | None:
@@ -22,50 +34,99 @@ def capability_list(value) -> list[str] | None:
     return list(dict.fromkeys(text for text in map(as_text, value) if text is not None))
 
 
+def is_open(state: str | None) -> bool:
+    return state not in CLOSED_STATES
+
+
 class Workitems(Projection):
     name = "workitems"
-    version = 1
+    version = 2
     table = workitems
 
     def __init__(self, *, complete: bool = False):
         super().__init__(complete=complete)
         self.dirty: set[str] = set()
+        self.held: dict[str, set[str]] = {}  # source -> its open workitems (of those in state)
+        self._holder: dict[str, str] = {}  # open workitem -> the source in ``held`` that has it
+        self._sources_loaded: set[str] = set()  # incremental: sources whose open workitems are all in state
 
     def key(self, event):
         return event.workitem_id
 
-    def load(self, conn, keys):
-        for row in select_in(conn, select(workitems), [workitems.c.workitem_id], keys):
-            self.state[row.workitem_id] = dict(row._mapping)
+    def keys(self, event):
+        if event.notification_type == SNAPSHOT_EVENT:
+            return snapshot_workitems(event.data).keys()
+        return super().keys(event)
 
-    def apply(self, event):
-        wid = event.workitem_id
-        if wid is None:
-            return
+    def apply_all(self, conn, events):
+        if not self.complete:
+            # A snapshot closes open workitems of its source that it does not list: all of them
+            # must be in state before it is applied.
+            sources = {e.source for e in events if e.notification_type == SNAPSHOT_EVENT} - self._sources_loaded
+            for source in sources:
+                query = select(workitems).where(workitems.c.source == source,
+                                                or_(workitems.c.state.is_(None), workitems.c.state.not_in(CLOSED_STATES)))
+                self._cache(row for row in conn.execute(query) if row.workitem_id not in self.state)
+            self._sources_loaded |= sources
+        super().apply_all(conn, events)
+
+    def load(self, conn, keys):
+        self._cache(select_in(conn, select(workitems), [workitems.c.workitem_id], keys))
+
+    def _cache(self, rows) -> None:
+        for row in rows:
+            self.state[row.workitem_id] = dict(row._mapping)
+            self._track(self.state[row.workitem_id])
+
+    def _track(self, row: dict) -> None:
+        wid, source = row["workitem_id"], row["source"]
+        old = self._holder.pop(wid, None)
+        if old is not None:
+            self.held[old].discard(wid)
+        if source is not None and is_open(row["state"]):
+            self._holder[wid] = source
+            self.held.setdefault(source, set()).add(wid)
+
+    def _row(self, event, wid: str) -> dict:
         row = self.state.get(wid)
         if row is None:
             row = self.state[wid] = {
                 "workitem_id": wid, "state": None, "workitem_type": None, "uri": None,
                 "capabilities": None, "user_data": None, "first_seq": event.seq,
                 "first_seen_at": event.received_at, "notification_count": 0, "error_count": 0,
+                "source": None,
             }
         row["last_seq"] = event.seq
         row["last_seen_at"] = event.received_at
+        self.dirty.add(wid)
+        return row
+
+    def apply(self, event):
+        if event.notification_type == SNAPSHOT_EVENT:
+            self._apply_snapshot(event)
+            return
+        wid = event.workitem_id
+        if wid is None:
+            return
+        row = self._row(event, wid)
         row["notification_count"] += 1
         if event.notification_type == ERROR:
             row["error_count"] += 1
         else:
-            workitem = event.workitem
-            for key, column in (("state", "state"), ("workitemType", "workitem_type"), ("uri", "uri")):
-                value = as_text(workitem.get(key))
-                if value is not None:
-                    row[column] = value
-            capabilities = capability_list(workitem.get("capabilities"))
-            if capabilities is not None:
-                row["capabilities"] = capabilities
-            if workitem.get("userData") is not None:
-                row["user_data"] = workitem["userData"]
-        self.dirty.add(wid)
+            _observe(row, event.workitem, event.source)
+            self._track(row)
+
+    def _apply_snapshot(self, event) -> None:
+        listed = snapshot_workitems(event.data)
+        for wid, resource in listed.items():
+            _observe(self._row(event, wid), resource, event.source)
+            self._track(self.state[wid])
+            event.reconcile[wid] = resource
+        for wid in sorted(self.held.get(event.source, set()) - listed.keys()):
+            row = self._row(event, wid)
+            row["state"], row["capabilities"] = ABSENT, []
+            self._track(row)
+            event.reconcile[wid] = None
 
     def flush(self, conn, final):
         if not final:
@@ -76,3 +137,18 @@ class Workitems(Projection):
 
     def rows(self):
         return list(self.state.values())
+
+
+def _observe(row: dict, workitem: dict, source: str) -> None:
+    """A StatusChange, PropertiesUpdated or a snapshot's resource: the fields it carries replace
+    the row's; the workitem is now held by ``source``."""
+    for key, column in (("state", "state"), ("workitemType", "workitem_type"), ("uri", "uri")):
+        value = as_text(workitem.get(key))
+        if value is not None:
+            row[column] = value
+    capabilities = capability_list(workitem.get("capabilities"))
+    if capabilities is not None:
+        row["capabilities"] = capabilities
+    if workitem.get("userData") is not None:
+        row["user_data"] = workitem["userData"]
+    row["source"] = source

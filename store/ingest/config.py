@@ -1,0 +1,143 @@
+"""What live ingest connects to: GWS sessions from the command line or a TOML file, TLS, proxies.
+
+Credentials live only in memory: they are never logged, never stored and never on a command
+line (passwords come from environment variables).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..db import StoreError
+
+NOTIFICATIONS_PATH = "/api/v2/notifications"
+# Keys a session may set in the config file, each also allowed at the top level as the default.
+CONNECTION_KEYS = ("gws_url", "ca_file", "client_cert", "client_key", "proxy", "notifications_path")
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """One GWS session: whose notifications, read from where, stored under which source.
+
+    ``ca_file``: PEM CA certificates to trust instead of the system's; ``client_cert`` and
+    ``client_key``: a client certificate for TLS; ``proxy``: an HTTP proxy URL (else
+    HTTPS_PROXY/HTTP_PROXY/NO_PROXY from the environment apply).
+    """
+
+    gws_url: str
+    user: str
+    password: str = field(repr=False)
+    source: str | None = None  # default: the user name
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    proxy: str | None = field(default=None, repr=False)  # may carry credentials
+    notifications_path: str = NOTIFICATIONS_PATH
+
+    @property
+    def source_name(self) -> str:
+        return self.source or self.user
+
+    @property
+    def notifications_url(self) -> str:
+        return self.gws_url.rstrip("/") + "/" + self.notifications_path.lstrip("/")
+
+    def url(self, path: str) -> str:
+        return self.gws_url.rstrip("/") + path
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS settings of this session (None: aiohttp's defaults, the system's CAs).
+
+        Raises StoreError naming the file when a CA file or client certificate cannot be used.
+        """
+        if not (self.ca_file or self.client_cert or self.client_key):
+            return None
+        if self.client_key and not self.client_cert:
+            raise StoreError("a client key needs a client certificate (--client-cert)")
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise StoreError(f"cannot use the CA file {self.ca_file}: {_reason(exc)}") from exc
+        if self.client_cert:
+            try:
+                context.load_cert_chain(self.client_cert, self.client_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise StoreError(f"cannot use the client certificate {self.client_cert}"
+                                 f"{' with the key ' + self.client_key if self.client_key else ''}: "
+                                 f"{_reason(exc)}") from exc
+        return context
+
+
+def _reason(exc: Exception) -> str:
+    return getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+
+
+def password_from_env(var: str, where: str = "") -> str:
+    """The password held by environment variable ``var``; StoreError if unset or empty."""
+    value = os.environ.get(var)
+    if not value:
+        raise StoreError(f"environment variable {var} is not set or empty{where}")
+    return value
+
+
+def load_config(path: str | Path, **defaults: str | None) -> list[SessionConfig]:
+    """The sessions of a TOML file::
+
+        gws_url = "https://gws.example.com"        # for every session unless it has its own
+        ca_file = "/etc/ssl/gws-ca.pem"            # also client_cert, client_key, proxy,
+                                                   # notifications_path: defaults for all
+        [[sessions]]
+        user = "agent1"
+        password_env = "AGENT1_PW"                 # or password = "..." (plain text: avoid)
+        source = "agent1"                          # optional; default the user name
+
+    ``defaults`` (from command line options: gws_url, ca_file, ...) apply where the file sets
+    nothing.  Users and sources must be unique.  Raises StoreError on anything missing or wrong.
+    """
+    path = Path(path)
+    try:
+        config = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise StoreError(f"{path}: not TOML: {exc}") from exc
+    unknown = set(config) - {"sessions", *CONNECTION_KEYS}
+    if unknown:
+        raise StoreError(f"{path}: unknown top-level keys {', '.join(sorted(unknown))}")
+    top = {key: config.get(key, defaults.get(key)) for key in CONNECTION_KEYS}
+    entries = config.get("sessions")
+    if not isinstance(entries, list) or not entries:
+        raise StoreError(f"{path}: no [[sessions]]")
+    sessions = []
+    for n, entry in enumerate(entries, 1):
+        where = f" ({path}, session {n})"
+        unknown = set(entry) - {"user", "password", "password_env", "source", *CONNECTION_KEYS}
+        if unknown:
+            raise StoreError(f"unknown keys {', '.join(sorted(unknown))}{where}")
+        user = entry.get("user")
+        if not isinstance(user, str) or not user:
+            raise StoreError(f"user is missing{where}")
+        options = {key: entry.get(key, top[key]) for key in CONNECTION_KEYS}
+        if not isinstance(options["gws_url"], str) or not options["gws_url"]:
+            raise StoreError(f"gws_url is missing (top level or per session){where}")
+        for key, value in options.items():
+            if value is not None and (not isinstance(value, str) or not value):
+                raise StoreError(f"{key} must be a non-empty string{where}")
+        if ("password" in entry) == ("password_env" in entry):
+            raise StoreError(f"give exactly one of password_env or password{where}")
+        password = entry["password"] if "password" in entry else password_from_env(entry["password_env"], where)
+        source = entry.get("source")
+        if source is not None and (not isinstance(source, str) or not source):
+            raise StoreError(f"source must be a non-empty string{where}")
+        options["notifications_path"] = options["notifications_path"] or NOTIFICATIONS_PATH
+        sessions.append(SessionConfig(user=user, password=str(password), source=source, **options))
+    for what in ("user", "source_name"):
+        seen = [getattr(s, what) for s in sessions]
+        twice = sorted({v for v in seen if seen.count(v) > 1})
+        if twice:
+            raise StoreError(f"{path}: {what.removesuffix('_name')} given to several sessions: {', '.join(twice)}")
+    return sessions

@@ -1,0 +1,334 @@
+"""Making what live sessions receive durable: in the log when the database takes it in time,
+else in the spool (ingest/spool.py), drained into the log in order once the database is back.
+
+``append(entry)`` returns only once the entry is durable, and only then may a session
+acknowledge it; it raises SpoolFull (nothing durable, nothing to acknowledge) when the spool
+has reached its bound.  Two modes:
+
+- direct: the entries waiting at one moment share one transaction (group commit: each entry is
+  still appended whole).  A commit that fails, or takes longer than ``spool_after`` seconds,
+  sends its entries to the spool instead, and the writer turns to spooling.  (The slow commit
+  may still succeed later: the drain finds those entries already in the log and skips them.)
+- spooling: every entry is appended to the spool (fsync'd) and acknowledged; a drain task moves
+  the spool into the log in order, a chunk a transaction; once it has caught up, direct again.
+  Nothing goes to the log directly while anything is spooled, so log order is receive order.
+
+Each entry of a live session has its own ``received_at`` (sessions make them strictly
+increasing), so (session, received_at) says whether an entry is already in the log.
+
+At start, spools left by ingest processes that are gone are drained first; then each session
+such a process started and never ended gets a "lost" marker (the process was killed or crashed).
+The writer also probes the database every second when idle, so that health says the truth
+when no notification arrives.  A database error is logged once per change of state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+from sqlalchemy import Engine, func, select
+
+from .. import log
+from ..db import StoreError, probe_writable, write_transaction
+from ..notifications import NOTIFICATION, SESSION, Notification, classify, classify_record, load_json, utc_text
+from ..schema import event_log
+from .spool import Entry, Spool
+
+logger = logging.getLogger(__name__)
+
+DRAIN_ENTRIES = 500  # entries per drain transaction
+
+
+class SpoolFull(StoreError):
+    """The database cannot take entries and the spool has reached --spool-max."""
+
+
+@dataclass
+class WriterStatus:
+    """What health and metrics report of the log (epoch seconds)."""
+
+    writable: bool = True
+    writable_since: float = 0.0
+    error: str | None = None
+    last_commit_at: float | None = None
+    head_seq: int = 0
+    spooling: bool = False
+
+
+def notifications_of(entry: Entry) -> list[Notification]:
+    """The log rows of an entry, classified by the same rules as every input."""
+    if entry.kind != NOTIFICATION:
+        return [replace(classify_record(entry.kind, text), session=entry.session) for text in entry.texts]
+    messages = entry.messages or [load_json(text) for text in entry.texts]
+    return [replace(classify(text, message), session=entry.session) for text, message in zip(entry.texts, messages)]
+
+
+class DurableLog:
+    def __init__(self, engine: Engine, spool: Spool, abandoned: list[Spool] | None = None, *,
+                 spool_after: float = 2.0, spool_max: int = 1 << 30, probe_interval: float = 1.0):
+        self.engine, self.spool, self.abandoned = engine, spool, list(abandoned or [])
+        self.spool_after, self.spool_max, self.probe_interval = spool_after, spool_max, probe_interval
+        # Told of every entry that reached the log, directly or from the spool (in the event loop).
+        self.on_appended: Callable[[Entry, log.AppendResult], None] | None = None
+        self.status = WriterStatus(writable_since=time.time())
+        self.transactions = 0
+        self.context = log.AppendContext()
+        # The database work runs in threads of its own: a commit that hangs must not hold up
+        # spooling, draining or probing.
+        self._db = ThreadPoolExecutor(max_workers=8, thread_name_prefix="log-db")
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-spool")
+        self._spooling = bool(self.abandoned) or spool.pending_bytes > 0
+        self._waiting: list[tuple[Entry, asyncio.Future]] = []
+        self._wake = asyncio.Event()
+        self._spool_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+        self._drainer: asyncio.Task | None = None
+        self._closing = False
+
+    # -- what sessions call ------------------------------------------------------------------
+
+    def start(self) -> None:
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._write_loop(), name="log writer"),
+                           asyncio.create_task(self._probe_loop(), name="log probe")]
+            if self._spooling:
+                self._start_drain()
+
+    async def append(self, entry: Entry) -> log.AppendResult | None:
+        """Make ``entry`` durable; the AppendResult when it went to the log directly, None when
+        it went to the spool."""
+        if entry.kind != SESSION and self.spool.pending_bytes + sum(map(len, entry.texts)) > self.spool_max:
+            # Session markers are small and must not be lost: only they pass a full spool.
+            if self._spooling:
+                raise SpoolFull(f"the spool {self.spool.directory} holds {self.spool.pending_bytes} bytes "
+                                f"(--spool-max {self.spool_max}); not acknowledging until it drains")
+        self.start()
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((entry, future))
+        self._wake.set()
+        return await future
+
+    @property
+    def spooling(self) -> bool:
+        return self._spooling
+
+    def spool_bytes(self) -> int:
+        return self.spool.pending_bytes + sum(s.pending_bytes for s in self.abandoned)
+
+    def spool_oldest(self) -> dt.datetime | None:
+        times = [s.oldest for s in (*self.abandoned, self.spool) if s.oldest is not None and s.pending_bytes]
+        return min(times) if times else None
+
+    async def close(self, drain_timeout: float = 10.0) -> None:
+        """Write what waits, give the drain ``drain_timeout`` seconds to finish, stop.  What is
+        still spooled stays on disk for the next ingest process."""
+        while self._waiting:
+            await asyncio.sleep(0.01)
+        if self._drainer is not None and not self._drainer.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._drainer), drain_timeout)
+        self._closing = True
+        for task in (*self._tasks, self._drainer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._db.shutdown(wait=False, cancel_futures=True)
+        self._io.shutdown(wait=True)
+        for spool in self.abandoned:
+            spool.close()
+        if self.spool.pending_bytes == 0:
+            self.spool.remove()
+        else:
+            logger.warning("%d bytes stay in the spool %s: the next ingest process on this store drains them",
+                           self.spool.pending_bytes, self.spool.directory)
+            self.spool.close()
+
+    # -- direct and spooling -----------------------------------------------------------------
+
+    async def _run(self, executor, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            wave, self._waiting = self._waiting, []
+            while wave:
+                if not self._spooling:
+                    if await self._commit(wave):
+                        break
+                    self._spooling = True
+                    self._start_drain()
+                async with self._spool_lock:
+                    if not self._spooling:
+                        continue  # the drain caught up meanwhile: commit directly
+                    try:
+                        await self._run(self._io, self.spool.append, [entry for entry, _ in wave])
+                    except OSError as exc:
+                        logger.error("cannot write the spool %s: %s", self.spool.directory, exc)
+                        for _, future in wave:
+                            if not future.done():
+                                future.set_exception(StoreError(f"cannot write the spool: {exc}"))
+                        break
+                for _, future in wave:
+                    if not future.done():
+                        future.set_result(None)
+                break
+
+    async def _commit(self, wave) -> bool:
+        """Commit ``wave`` in one transaction; False when it failed or did not finish in time."""
+        task = asyncio.get_running_loop().run_in_executor(self._db, self._write, [entry for entry, _ in wave])
+        done, _ = await asyncio.wait({task}, timeout=self.spool_after)
+        if not done:
+            self._unwritable(f"a commit took longer than {self.spool_after:g} s")
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # settled by the drain
+            return False
+        if task.exception() is not None:
+            self._unwritable(_describe(task.exception()))
+            return False
+        self._writable()
+        for (entry, future), result in zip(wave, task.result(), strict=True):
+            self._appended(entry, result)
+            if not future.done():
+                future.set_result(result)
+        return True
+
+    def _appended(self, entry: Entry, result: log.AppendResult) -> None:
+        if self.on_appended is not None:
+            self.on_appended(entry, result)
+
+    def _write(self, entries: list[Entry]) -> list[log.AppendResult]:
+        with write_transaction(self.engine) as conn:
+            results = [log.append(conn, notifications_of(e), source=e.source, received_at=e.received_at,
+                                  context=self.context) for e in entries]
+        self.transactions += 1
+        last = [r.last_seq for r in results if r.last_seq is not None]
+        if last:
+            self.status.head_seq = max(self.status.head_seq, *last)
+        return results
+
+    def _start_drain(self) -> None:
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain_loop(), name="spool drain")
+
+    async def _drain_loop(self) -> None:
+        delay = 0.1
+        while not self._closing:
+            spool = self.abandoned[0] if self.abandoned else self.spool
+            try:
+                batch = await self._run(self._io, lambda: list(spool.read(spool.drained, DRAIN_ENTRIES + 1)))
+                if not batch:
+                    if spool is not self.spool:
+                        await self._run(self._db, self._close_abandoned, spool)
+                        self.abandoned.pop(0)
+                        continue
+                    async with self._spool_lock:
+                        if self.spool.pending_bytes == 0:
+                            self._spooling = False
+                            self._wake.set()
+                            logger.info("the spool is drained: writing to the log directly again")
+                            return
+                    continue
+                chunk, following = batch[:DRAIN_ENTRIES], batch[DRAIN_ENTRIES:]
+                appended = await self._run(self._db, self._drain_write, [entry for entry, _ in chunk])
+            except Exception as exc:  # noqa: BLE001 - whatever it is, the spool keeps the entries: retry
+                if not isinstance(exc, (StoreError, OSError)):
+                    logger.exception("draining the spool failed")
+                self._unwritable(_describe(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            self._writable()
+            for entry, result in appended:
+                self._appended(entry, result)
+            delay = 0.1
+            async with self._spool_lock:
+                await self._run(self._io, spool.mark_drained, chunk[-1][1],
+                                following[0][0].received_at if following else None)
+
+    def _drain_write(self, entries: list[Entry]) -> list[tuple[Entry, log.AppendResult]]:
+        appended = []
+        with write_transaction(self.engine) as conn:
+            c = event_log.c
+            present: set[tuple[str, dt.datetime]] = set()
+            for session in {e.session for e in entries}:
+                times = [e.received_at for e in entries if e.session == session]
+                present.update(conn.execute(select(c.session, c.received_at).where(
+                    c.session == session, c.received_at >= min(times), c.received_at <= max(times))).tuples())
+            for e in entries:
+                if (e.session, e.received_at) not in present:  # else a slow commit made it after all
+                    result = log.append(conn, notifications_of(e), source=e.source, received_at=e.received_at,
+                                        context=self.context)
+                    appended.append((e, result))
+        self.transactions += 1
+        self.status.head_seq = max(self.status.head_seq, *(r.last_seq or 0 for _, r in appended), 0)
+        return appended
+
+    def _close_abandoned(self, spool: Spool) -> None:
+        """A gone process's spool is in the log: record the sessions it never ended as lost."""
+        c = event_log.c
+        with write_transaction(self.engine) as conn:
+            for session in spool.sessions():
+                last = conn.execute(select(c.source, c.payload).where(c.session == session, c.kind == SESSION)
+                                    .order_by(c.received_at.desc()).limit(1)).first()
+                if last is None or load_json(last.payload).get("event") not in ("started", "resumed"):
+                    continue
+                since = conn.execute(select(func.max(c.received_at)).where(c.session == session)).scalar_one()
+                marker = {"event": "lost", "source": last.source, "instance": spool.instance,
+                          "cause": "the ingest process ended without closing the session (killed or crashed)",
+                          "since": utc_text(since), "detected_at": utc_text(dt.datetime.now(dt.timezone.utc))}
+                entry = Entry(SESSION, last.source, session, since + log.MICROSECOND, [json.dumps(marker)])
+                log.append(conn, notifications_of(entry), source=entry.source, received_at=entry.received_at,
+                           context=self.context)
+                logger.warning("session %s of %s was never ended by its process: recorded as lost since %s",
+                               session, last.source, utc_text(since))
+        spool.remove()
+
+    # -- health ------------------------------------------------------------------------------
+
+    def _writable(self) -> None:
+        self.status.last_commit_at = time.time()
+        if not self.status.writable:
+            logger.warning("the log is writable again (was not since %s)", _local(self.status.writable_since))
+            self.status.writable, self.status.writable_since, self.status.error = True, time.time(), None
+
+    def _unwritable(self, error: str) -> None:
+        if self.status.writable:
+            logger.error("the log cannot be written: %s; spooling what arrives", error)
+            self.status.writable, self.status.writable_since = False, time.time()
+        self.status.error = error
+
+    async def _probe_loop(self) -> None:
+        """When nothing was committed for a while, check that a write could be."""
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            if self._spooling or self._waiting:
+                continue  # the drain or the writer tells
+            if self.status.last_commit_at is not None and time.time() - self.status.last_commit_at < self.probe_interval:
+                continue
+            task = asyncio.get_running_loop().run_in_executor(self._db, probe_writable, self.engine)
+            done, _ = await asyncio.wait({task}, timeout=max(3.0, self.probe_interval * 3))
+            if not done:
+                self._unwritable("the database did not answer a write probe within 3 s")
+            elif task.exception() is not None:
+                self._unwritable(_describe(task.exception()))
+            else:
+                self.status.head_seq = max(self.status.head_seq, task.result())
+                self._writable()
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _local(epoch: float) -> str:
+    return utc_text(dt.datetime.fromtimestamp(epoch, dt.timezone.utc))
