@@ -219,6 +219,26 @@ def _project_follow(engine, interval: float) -> None:
     click.echo(f"stopped; projections at seq {runner.project(engine).to_seq}")
 
 
+class ByteSize(click.ParamType):
+    """A size in bytes: a number, optionally with K, M, G or T (powers of 1024), e.g. 500M."""
+
+    name = "size"
+    _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+        number, unit = (text[:-1], text[-1]) if text[-1:] in self._UNITS else (text, "")
+        try:
+            size = int(float(number) * self._UNITS[unit])
+        except ValueError:
+            self.fail(f"{value!r} is not a size (e.g. 1073741824, 500M, 2G)", param, ctx)
+        if size <= 0:
+            self.fail(f"{value!r}: a size must be positive", param, ctx)
+        return size
+
+
 @main.command()
 @click.option("--gws-url", metavar="URL", help="GWS server, e.g. https://gws.example.com (the notifications "
                                                "endpoint is URL/api/v2/notifications); with --config, the "
@@ -228,24 +248,52 @@ def _project_follow(engine, interval: float) -> None:
 @click.option("--source", help="Source stored with the session's notifications (default: the user name).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE.toml",
               help="Many sessions from a TOML file instead of --user/--password-env/--source.")
+@click.option("--ca-file", type=click.Path(dir_okay=False), metavar="PEM",
+              help="CA certificates to trust for https (instead of the system's), e.g. a private CA.")
+@click.option("--client-cert", type=click.Path(dir_okay=False), metavar="PEM",
+              help="Client certificate for https (with its key, or see --client-key).")
+@click.option("--client-key", type=click.Path(dir_okay=False), metavar="PEM", help="The client certificate's key.")
+@click.option("--proxy", metavar="URL", help="HTTP proxy for every request (default: $HTTPS_PROXY / $HTTP_PROXY, "
+                                             "except hosts in $NO_PROXY).")
+@click.option("--notifications-path", metavar="PATH", default=None,
+              help="Path of the CometD endpoint under the GWS URL [default: /api/v2/notifications].")
+@click.option("--spool", "spool_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Where batches wait, fsync'd, while the database cannot take them (default: DB.spool next "
+                   "to a SQLite store, ./workitem-store-spool for PostgreSQL).")
+@click.option("--spool-max", type=ByteSize(), default="1G", show_default=True, metavar="SIZE",
+              help="Bound of the spool (e.g. 500M, 2G); when reached, batches are not acknowledged (the server "
+                   "keeps them) until it drains.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, metavar="PORT",
               help="Serve /metrics (Prometheus) and /healthz on 127.0.0.1:PORT (0: any free port).")
 @click.option("--no-project", is_flag=True, help="Only append to the log (run `project --follow` elsewhere).")
 @click.option("-v", "--verbose", is_flag=True, help="Log each appended batch.")
 @db_option
-def ingest(gws_url, user, password_env, source, config_path, metrics_port, no_project, verbose):
+def ingest(gws_url, user, password_env, source, config_path, ca_file, client_cert, client_key, proxy,
+           notifications_path, spool_dir, spool_max, metrics_port, no_project, verbose):
     """Follow GWS workitem notifications live (CometD /v2/me/workitems) into the log.
 
     Each session handshakes with HTTP Basic auth (and the CSRF token of GET /api/v2/me, where
-    the server has one), subscribes to /v2/me/workitems and appends every batch it receives to
-    event_log in one transaction before acknowledging it (ack extension): a crash loses
-    nothing acknowledged.  Sessions run concurrently; projections follow within a second.
-    SIGINT or SIGTERM disconnects every session, brings the projections up to date and exits 0.
-    Passwords come from environment variables, never from the command line.
+    the server has one), subscribes to /v2/me/workitems, and then:
 
     \b
-    A config file lists many sessions:
+    - records in the log that it started (and later that it was lost, resumed or ended), so
+      `ingest_gaps` shows every interval in which notifications may be missing;
+    - reads GET /api/v2/me/workitems?fields=* and stores the answer (a snapshot), from which
+      the projections reconcile what happened while nobody listened;
+    - acknowledges each batch (CometD ack extension) only once it is durable: in the log, or,
+      while the database is slow or down, in the spool (fsync'd), drained into the log in
+      order when it is back.  A restart drains what a killed process left first.
+
+    A TLS certificate that is not accepted stops that session at once, naming the problem.
+    SIGINT or SIGTERM disconnects every session, writes what waits, brings the projections
+    up to date and exits 0.  Passwords come from environment variables, never from the
+    command line.
+
+    \b
+    A config file lists many sessions (ca_file, client_cert, client_key, proxy, gws_url and
+    notifications_path may be set at the top for all, or per session):
       gws_url = "https://gws.example.com"
+      ca_file = "/etc/ssl/gws-ca.pem"
       [[sessions]]
       user = "agent1"
       password_env = "AGENT1_PW"
@@ -255,23 +303,31 @@ def ingest(gws_url, user, password_env, source, config_path, metrics_port, no_pr
     Example:
       AGENT1_PW=... workitem-store ingest --gws-url https://gws.example.com \\
           --user agent1 --password-env AGENT1_PW --metrics-port 9108
-      workitem-store ingest --config agents.toml --db postgresql://ingest@db:5432/workitems
+      workitem-store ingest --config agents.toml --db postgresql://ingest@db:5432/workitems \\
+          --spool /var/spool/workitem-store --spool-max 2G
     """
     import asyncio
     import logging
 
-    from .ingest import gws
+    from .ingest import config as config_mod
+    from .ingest.service import Ingestor, TaskNameFilter
 
+    connection = {"ca_file": ca_file, "client_cert": client_cert, "client_key": client_key, "proxy": proxy,
+                  "notifications_path": notifications_path}
     if config_path:
         if user or password_env or source:
             raise click.UsageError("give either --config or --user/--password-env/--source, not both")
-        configs = gws.load_config(config_path, gws_url=gws_url)
+        configs = config_mod.load_config(config_path, gws_url=gws_url, **connection)
     else:
         if not (gws_url and user and password_env):
             raise click.UsageError("give --gws-url, --user and --password-env (or --config FILE.toml)")
-        configs = [gws.SessionConfig(gws_url, user, gws.password_from_env(password_env), source)]
+        connection["notifications_path"] = notifications_path or config_mod.NOTIFICATIONS_PATH
+        configs = [config_mod.SessionConfig(gws_url, user, config_mod.password_from_env(password_env), source,
+                                            **connection)]
+    for config in configs:
+        config.ssl_context()  # a CA file or client certificate that cannot be used: say so now
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(gws.TaskNameFilter())  # [gws <source>]: which session a line is about
+    handler.addFilter(TaskNameFilter())  # [gws <source>]: which session a line is about
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(task)s] %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("aiohttp.access", "alembic", "asyncio"):
@@ -282,7 +338,8 @@ def ingest(gws_url, user, password_env, source, config_path, metrics_port, no_pr
         import signal
 
         asyncio.current_task().set_name("ingest")
-        ingestor = gws.Ingestor(engine, configs, project=not no_project, metrics_port=metrics_port)
+        ingestor = Ingestor(engine, configs, project=not no_project, metrics_port=metrics_port,
+                            spool_dir=spool_dir, spool_max=spool_max)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, ingestor.stop)
@@ -291,11 +348,15 @@ def ingest(gws_url, user, password_env, source, config_path, metrics_port, no_pr
 
     ingestor, errors = asyncio.run(follow())
     for s in ingestor.sessions:
-        click.echo(f"{s.source}: {s.stats.received} received, {s.stats.appended} appended, "
+        click.echo(f"{s.source}: {s.stats.received} received, {s.stats.stored} stored, {s.stats.appended} appended, "
                    f"{s.stats.duplicates} duplicate, {s.stats.quarantined} quarantined, "
-                   f"{s.client.handshakes} handshakes, {s.client.reconnects} reconnects")
+                   f"{s.client.handshakes} handshakes, {s.client.reconnects} reconnects, "
+                   f"{s.stats.snapshots} snapshots")
     if ingestor.last_projected_seq is not None:
         click.echo(f"projections up to date at seq {ingestor.last_projected_seq}")
+    if ingestor.writer.spool_bytes():
+        click.echo(f"{ingestor.writer.spool_bytes()} bytes stay in the spool {ingestor.spool.directory}: "
+                   "the next `ingest` on this store drains them first", err=True)
     if errors and not ingestor.stopped_by_request:
         raise click.ClickException("; ".join(f"{name}: {exc}" for name, exc in errors))
 
@@ -465,44 +526,79 @@ def simulate(events, agents, seed, start, fmt, error_rate, duplicate_rate, noise
 @click.option("--csrf/--no-csrf", default=True, show_default=True,
               help="Require the X-CSRF-TOKEN header (from GET /api/v2/me) on POST requests.")
 @click.option("--seed", type=int, default=1, show_default=True, help="Random seed: same seed, same stream.")
-def simulate_server(port, agents, password_env, rate, events, csrf, seed):
+@click.option("--ack", type=click.Choice(["on", "object", "off"]), default="on", show_default=True,
+              help="CometD ack extension: on (handshake reply ext {ack: true}), object ({ack: {enabled: "
+                   "true, batch: N}}, as Java CometD with message delivery during handshake) or off.")
+@click.option("--java-402", is_flag=True,
+              help="Word an unknown session as Java CometD does (402::Unknown client) instead of "
+                   "402::session_unknown (the Node server).")
+@click.option("--timeout", "timeout_ms", type=click.IntRange(min=0), default=30_000, show_default=True,
+              metavar="MS", help="How long a /meta/connect is held (advice.timeout), in milliseconds.")
+@click.option("--max-interval", "max_interval_ms", type=click.IntRange(min=1), default=10_000,
+              show_default=True, metavar="MS",
+              help="A session without a /meta/connect for this many milliseconds expires, with its queue.")
+@click.option("--wait-for-sessions", is_flag=True,
+              help="Start publishing only once every agent has a subscribed session.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), metavar="PEM", default=None,
+              help="Serve https with this certificate (chain) file; needs --tls-key.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), metavar="PEM", default=None,
+              help="The private key of --tls-cert.")
+def simulate_server(port, agents, password_env, rate, events, csrf, seed, ack, java_402, timeout_ms,
+                    max_interval_ms, wait_for_sessions, tls_cert, tls_key):
     """Serve simulated GWS notifications over CometD on 127.0.0.1 until interrupted.
 
     A GWS-like server for demos and tests: HTTP Basic auth for users agent-001.. (one password),
-    GET /api/v2/me (with CSRF headers unless --no-csrf), and CometD long-polling (Bayeux 1.0,
-    ack extension) at POST /api/v2/notifications, where each agent subscribes to its own
-    /v2/me/workitems.  The notifications are those of `simulate` with the same --seed and
-    --agents, paced to --rate.  It listens on 127.0.0.1 only.
+    GET /api/v2/me (with CSRF headers unless --no-csrf), GET /api/v2/me/workitems?fields=* (each
+    agent's current workitems), and CometD long-polling (Bayeux 1.0, ack extension) at POST
+    /api/v2/notifications, where each agent subscribes to its own /v2/me/workitems.  As a real
+    CometD server, it keeps messages per session only: what is published while an agent has no
+    subscribed session is lost, and a new handshake starts an empty session.  The notifications
+    are those of `simulate --duplicate-rate 0` with the same --seed and --agents (without Bayeux
+    ids), paced to --rate.  It listens on 127.0.0.1 only.
 
     \b
     Example:
       GWS_PASSWORD=s3cret workitem-store simulate-server --password-env GWS_PASSWORD \\
-          --agents 5 --rate 50
+          --agents 5 --rate 50 --wait-for-sessions
     """
     import asyncio
     import os
+    import ssl
 
     from .ingest.gws_simulator import GwsSimulator
 
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    ssl_context = None
+    if tls_cert is not None:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ssl_context.load_cert_chain(tls_cert, tls_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise click.ClickException(f"cannot use {tls_cert} / {tls_key}: {exc}") from exc
     password = os.environ.get(password_env) if password_env else None
     told = f"from ${password_env}" if password else "demo" + (f" (${password_env} is unset or empty)" if password_env else "")
     password = password or "demo"
 
     async def serve():
         gws = GwsSimulator(agents=agents, password=password, port=port, rate=rate, events=events,
-                           csrf=csrf, seed=seed)
+                           csrf=csrf, seed=seed, ack=ack, java_402=java_402, timeout=timeout_ms,
+                           max_interval=max_interval_ms, ssl_context=ssl_context,
+                           wait_for_sessions=wait_for_sessions)
         try:
             await gws.start()
         except OSError as exc:
             raise click.ClickException(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}") from exc
         click.echo(f"GWS simulator at {gws.url} (notifications: {gws.notifications_url}); users "
                    f"agent-001..agent-{agents:03d}, password {told}, "
-                   f"CSRF {'on' if csrf else 'off'}; Ctrl-C stops it")
+                   f"CSRF {'on' if csrf else 'off'}, ack {ack}; Ctrl-C stops it")
         try:
             await asyncio.Event().wait()
         finally:
             await gws.stop()
-            click.echo(f"published {sum(gws.published.values())} notifications", err=True)
+            click.echo(f"published {sum(gws.published.values())} notifications "
+                       f"({sum(gws.delivered.values())} delivered, {sum(gws.lost.values())} lost: "
+                       f"no session listening)", err=True)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())
@@ -683,9 +779,9 @@ def demo(seconds, agents, rate):
     """Live demo: a simulated GWS server, a live ingest of its agents, then what was stored.
 
     Starts the GWS simulator on loopback (Basic auth, CSRF, CometD with the ack extension),
-    follows every agent's /v2/me/workitems with `ingest`'s own code for a few seconds, waits
-    until everything published is stored, then verifies the store and answers a few questions
-    in SQL.  Uses the same database as every command (--db, $WORKITEM_STORE_URL, else
+    follows every agent's /v2/me/workitems with `ingest`'s own code for a few seconds (the
+    simulator publishes once every agent's session listens), waits until everything published
+    is stored, then verifies the store and answers a few questions in SQL.  Uses the same database as every command (--db, $WORKITEM_STORE_URL, else
     workitems.db); a later run adds sessions of its own (sources agent-001#2, ...).
 
     \b
@@ -697,8 +793,9 @@ def demo(seconds, agents, rate):
 
     from sqlalchemy import func, select, text
 
-    from .ingest import gws
     from .ingest.gws_simulator import GwsSimulator
+    from .ingest.config import SessionConfig
+    from .ingest.service import Ingestor
     from .schema import event_log
 
     engine = _engine()
@@ -709,25 +806,37 @@ def demo(seconds, agents, rate):
 
     async def live():
         events = max(1, int(seconds * rate))
-        async with GwsSimulator(agents=agents, rate=rate, events=events, seed=run, csrf=True) as server:
+        # Publishing starts once every agent's session listens: a CometD server keeps nothing for
+        # a session that does not exist yet, so an earlier start would lose the first messages.
+        async with GwsSimulator(agents=agents, rate=rate, events=events, seed=run, csrf=True,
+                                wait_for_sessions=True) as server:
             click.echo(f"GWS simulator at {server.url}: {agents} agents, {events} notifications at {rate:g}/s")
-            configs = [gws.SessionConfig(server.url, name, server.password,
-                                         name if run == 1 else f"{name}#{run}") for name in server.agents]
-            ingestor = gws.Ingestor(engine, configs)
+            configs = [SessionConfig(server.url, name, server.password, name if run == 1 else f"{name}#{run}")
+                       for name in server.agents]
+            ingestor = Ingestor(engine, configs)
             following = asyncio.create_task(ingestor.run())
-            await server.finished.wait()
+            finished = asyncio.create_task(server.finished.wait())
+            await asyncio.wait([finished, following], return_when=asyncio.FIRST_COMPLETED)
+            finished.cancel()
+
+            def storable():  # published minus what no session could have stored
+                return sum(server.published[n] - server.lost[n] - server.discarded[n] for n in server.agents)
+
             deadline = time.monotonic() + 30
-            while (sum(s.stats.appended for s in ingestor.sessions) < sum(server.published.values())
+            while (sum(s.stats.appended for s in ingestor.sessions) < storable()
                    and time.monotonic() < deadline and not following.done()):
                 await asyncio.sleep(0.05)  # polling the counters, with a deadline
             ingestor.stop()
             await following
-            return server.published, ingestor
+            return server, ingestor
 
-    published, ingestor = asyncio.run(live())
+    server, ingestor = asyncio.run(live())
     for s in ingestor.sessions:
-        click.echo(f"  {s.source}: {published[s.config.user]} published, {s.stats.appended} stored, "
-                   f"{s.client.handshakes} handshake(s)")
+        name = s.config.user
+        lost = server.lost[name] + server.discarded[name]
+        click.echo(f"  {s.source}: {server.published[name]} published, {s.stats.appended} stored, "
+                   f"{s.client.handshakes} handshake(s)"
+                   + (f", {lost} lost (no session listening, or lost with a session)" if lost else ""))
     with db.snapshot(engine) as conn:
         report = verify_mod.verify(conn)
         click.echo(f"verify: chain {'ok' if report.chain_break is None else 'BROKEN'}, projections "

@@ -2,7 +2,9 @@
 
 Workitems arrive at agents and live through Invited -> Processing -> Completed: accepted or
 rejected, user data attached and updated, some transferred to another agent (Revoked here,
-Invited there), some requests failing with Error notifications.  Each agent is one ``source``
+Invited there), some requests failing with Error notifications.  A rejection is what GWS
+documents for WorkitemReject ("Status changed to Completed", no capabilities): Completed at the
+rejecting agent, then Invited at another agent under the same id.  Each agent is one ``source``
 with its own referenceId counter, as a GWS client session would be.  A small share of messages
 is delivered twice (same Bayeux id, as after a reconnect) and, on request, some lines are noise
 that the store must quarantine.
@@ -72,7 +74,9 @@ class Simulator:
         while True:
             yield "StatusChange", {"state": "Invited", "capabilities": INVITED_CAPS, "userData": user_data}, None
             if rng.random() < 0.08:
-                yield "StatusChange", {"state": "Revoked", "capabilities": []}, "Reject"
+                # GWS WorkitemReject: "Status changed to Completed", no capabilities; the workitem
+                # then goes to another agent (a new Invited there, same id).
+                yield "StatusChange", {"state": "Completed", "capabilities": []}, "Reject"
                 w.agent = self._other_agent(w.agent)
                 continue
             yield "StatusChange", {"state": "Processing", "capabilities": PROCESSING_CAPS}, "Accept"

@@ -1,4 +1,5 @@
-"""The real CometD server for Node (tests/cometd/server.js) in a child process, and its control API.
+"""The CometD test double (tests/cometd/server.js: npm cometd-nodejs-server made to behave as the
+Java CometD 3.1 server behind GWS, plus GWS resources) in a child process, and its control API.
 
 Shared by tests/test_bayeux.py and tests/test_gws_ingest.py; the session-scoped fixtures
 ``node_modules`` and ``cometd`` are registered in tests/conftest.py.
@@ -12,6 +13,7 @@ import json
 import os
 import select
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -45,25 +47,45 @@ def node_modules():
 
 
 class NodeServer:
-    """tests/cometd/server.js in a child process, on 127.0.0.1."""
+    """tests/cometd/server.js in a child process, on 127.0.0.1.
 
-    def __init__(self, node: str, log_path: Path):
+    ``timeout`` / ``max_interval``: the server's Bayeux timeout and maxInterval (milliseconds;
+    the server's defaults are 2000 and 10000); ``tls``: ``(cert_path, key_path)`` to serve https
+    (PEM files; the certificate must be issued for 127.0.0.1).  ``start()`` after ``kill()`` or
+    ``stop()`` starts it again on the same port, as a restarted server.
+    """
+
+    def __init__(self, node: str, log_path: Path, *, timeout: int | None = None,
+                 max_interval: int | None = None, tls: tuple[str | Path, str | Path] | None = None):
         self.node, self.log_path, self.port, self.process = node, log_path, 0, None
+        self.timeout, self.max_interval, self.tls = timeout, max_interval, tls
+
+    def command(self) -> list[str]:
+        command = [self.node, "server.js", str(self.port)]
+        if self.timeout is not None:
+            command += ["--timeout", str(int(self.timeout))]
+        if self.max_interval is not None:
+            command += ["--max-interval", str(int(self.max_interval))]
+        if self.tls is not None:
+            cert, key = self.tls
+            command += ["--tls", str(Path(cert).resolve()), str(Path(key).resolve())]
+        return command
 
     def start(self) -> NodeServer:
         with open(self.log_path, "ab") as stderr:
-            self.process = subprocess.Popen([self.node, "server.js", str(self.port)], cwd=COMETD_DIR,
-                                            stdout=subprocess.PIPE, stderr=stderr)
+            self.process = subprocess.Popen(self.command(), cwd=COMETD_DIR, stdout=subprocess.PIPE, stderr=stderr)
         ready, _, _ = select.select([self.process.stdout], [], [], DEADLINE)
         line = self.process.stdout.readline() if ready else b""
         if not line:
             self.stop()
             raise RuntimeError(f"the CometD server did not start: see {self.log_path}")
         self.port = json.loads(line)["port"]
+        # The readiness probe only: it checks no certificate (the tests' clients do).
+        context = ssl._create_unverified_context() if self.tls is not None else None  # noqa: S323
         deadline = time.monotonic() + DEADLINE
         while True:  # it prints once listening; still, wait until it answers
             try:
-                with urllib.request.urlopen(f"{self.base}/control/ping", timeout=1):
+                with urllib.request.urlopen(f"{self.base}/control/ping", timeout=1, context=context):
                     return self
             except OSError:
                 if time.monotonic() > deadline:
@@ -72,7 +94,7 @@ class NodeServer:
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def url(self) -> str:
@@ -100,7 +122,8 @@ def cometd(node_modules, tmp_path_factory):
 
 
 class Control:
-    """The server's control API."""
+    """The server's control API (see the header of tests/cometd/server.js).  ``http`` is any
+    aiohttp session; for an https server, give it an SSL context that trusts the server's CA."""
 
     def __init__(self, server: NodeServer, http: aiohttp.ClientSession):
         self.base, self.http = server.base, http
@@ -111,11 +134,43 @@ class Control:
             assert response.status == 200, (path, response.status, await response.text())
             return await response.json()
 
-    async def publish(self, data: list[dict], to: str | None = None, user: str | None = None):
-        body = {"channel": CHANNEL, "data": data, "to": to}
+    async def publish(self, data: list[dict], to: str | None = None, user: str | None = None,
+                      channel: str = CHANNEL) -> dict:
+        """To one session (``to``), to the subscribed sessions of a login (``user``), or to every
+        subscriber; -> {"published": n, "sessions": [clientId...]}."""
+        body = {"channel": channel, "data": data, "to": to}
         if user is not None:
             body["user"] = user
         return await self.call("publish", body)
+
+    async def configure(self, user: str, ack: str | None = None, java402: bool | None = None) -> dict:
+        """For sessions that handshake with ``user`` from now on: the ack extension "on" (the
+        default), "object" (Java's {enabled, batch} form) or "off"; Java's 402 wording."""
+        body: dict = {"user": user}
+        if ack is not None:
+            body["ack"] = ack
+        if java402 is not None:
+            body["java402"] = java402
+        return await self.call("configure", body)
+
+    async def users(self) -> dict:
+        """{login: {"sessions", "published", "lost", "acked": {clientId: [data...]}}}"""
+        return await self.call("users")
+
+    async def workitems(self, user: str | None = None):
+        """Every login's current workitem resources, or one login's list."""
+        lists = await self.call("workitems")
+        return lists if user is None else lists.get(user, [])
+
+    async def set_workitems(self, user: str, items: list[dict]) -> list[dict]:
+        return (await self.call("workitems", {"user": user, "workitems": items}))[user]
+
+    async def fail_workitems(self, user: str, status: int = 500, count: int = 1) -> dict:
+        return await self.call("fail-workitems", {"user": user, "status": status, "count": count})
+
+    async def auth(self, users: dict[str, str | None]) -> dict:
+        """Register logins whose password is checked (None: forget one)."""
+        return await self.call("auth", {"users": users})
 
     async def traffic(self, client_id: str) -> list[dict]:
         """The log entries of one client: requests that carry its clientId or replies naming it."""

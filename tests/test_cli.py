@@ -307,7 +307,8 @@ def test_demo_ingests_live_from_the_simulator_and_verifies(db_url):
     assert len(stored) == 2 and all(p == s and int(p) > 0 for _, p, s in stored), out
     assert "verify: chain ok, projections equal a rebuild" in out
     with open_store(db_url).connect() as conn:
-        assert conn.execute(select(func.count()).select_from(event_log)).scalar_one() == sum(
-            int(s) for _, _, s in stored)
+        kinds = dict(conn.execute(select(event_log.c.kind, func.count()).group_by(event_log.c.kind)).all())
+    # Each session: started, its snapshot, its notifications, ended.
+    assert kinds == {"notification": sum(int(s) for _, _, s in stored), "session": 4, "snapshot": 2}
     again = run("demo", "--seconds", "1", "--agents", "2", "--rate", "200", "--db", db_url).output
     assert "agent-001#2:" in again and "verify: chain ok" in again

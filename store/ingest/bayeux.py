@@ -82,7 +82,12 @@ class BayeuxError(Exception):
 
 
 class _Retry(Exception):
-    """A failure worth trying again after a backoff (transport, HTTP 5xx)."""
+    """A failure worth trying again after a backoff (transport, HTTP 5xx).  ``answered``: the
+    server answered (with an HTTP error), so the request delivered nothing."""
+
+    def __init__(self, message: str, answered: bool = False):
+        super().__init__(message)
+        self.answered = answered
 
 
 class _CallbackFailed(_Retry):
@@ -310,7 +315,7 @@ class BayeuxClient:
                             delay = min(delay, CALLBACK_RETRY_CAP)
                     if rehandshake:
                         await self._lose(str(exc))
-                    elif not self.ack_enabled:
+                    elif not self.ack_enabled and not (isinstance(exc, _Retry) and exc.answered):
                         # Without the ack extension, a reply lost on the way (or not stored) is
                         # not sent again.
                         await self._lose(f"{exc} (no ack extension: what that reply carried is not sent again)")
@@ -546,7 +551,7 @@ class BayeuxClient:
                 if inspect.isawaitable(retry):
                     retry = await retry
             if retry or status >= 500 or status in _RETRYABLE_STATUS:
-                raise _Retry(f"HTTP {status}")
+                raise _Retry(f"HTTP {status}", answered=True)
             raise BayeuxError(f"HTTP {status} from {self._where}: {text[:200]}")
         try:
             return split_messages(body.decode("utf-8"))  # JSON is UTF-8 (RFC 8259)
@@ -568,6 +573,6 @@ def tls_problem(exc: aiohttp.ClientSSLError) -> str:
     TLS error itself."""
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         error = exc.certificate_error
-        return f"the server's certificate was not accepted: {getattr(error, 'verify_message', None) or error}" + \
-            " (give the CA that signed it with --ca-file)"
+        return (f"certificate verify failed: {getattr(error, 'verify_message', None) or error}: the server's "
+                "certificate is not trusted (give the CA that signed it with --ca-file)")
     return str(getattr(exc, "os_error", None) or exc)

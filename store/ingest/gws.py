@@ -264,9 +264,3 @@ class GwsSession:
                 "last_message_age_seconds": None if c.last_message_at is None
                 else round(time.time() - c.last_message_at, 3)}
 
-
-def __getattr__(name: str):  # TEMPORARY: the demo still imports Ingestor from here
-    if name == "Ingestor":
-        from .service import Ingestor
-        return Ingestor
-    raise AttributeError(name)

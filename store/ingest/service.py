@@ -112,13 +112,14 @@ class Ingestor:
         projector = asyncio.create_task(self._projector(), name="projector") if self.project else None
         tasks = [asyncio.create_task(s.run(), name=f"gws {s.source}") for s in self.sessions]
         stopping = asyncio.create_task(self._stopping.wait())
+        all_done = asyncio.gather(*tasks, return_exceptions=True)
         try:
-            all_done = asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.wait([stopping, all_done], return_when=asyncio.FIRST_COMPLETED)
-            await asyncio.gather(*(s.stop() for s in self.sessions))
-            results = await all_done
         finally:
+            # Also when cancelled: the sessions end (their "ended" markers written) before the writer.
             stopping.cancel()
+            await asyncio.shield(asyncio.gather(*(s.stop() for s in self.sessions), return_exceptions=True))
+            results = await asyncio.shield(all_done)
             await self.writer.close()
             self._stopping.set()
             if projector is not None:

@@ -91,6 +91,7 @@ class DurableLog:
         self._spool_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self._drainer: asyncio.Task | None = None
+        self._inflight: set[asyncio.Future] = set()  # commits that outlived spool_after
         self._closing = False
 
     # -- what sessions call ------------------------------------------------------------------
@@ -110,6 +111,8 @@ class DurableLog:
             if self._spooling:
                 raise SpoolFull(f"the spool {self.spool.directory} holds {self.spool.pending_bytes} bytes "
                                 f"(--spool-max {self.spool_max}); not acknowledging until it drains")
+        if self._closing:
+            raise StoreError("the log writer is closed")
         self.start()
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((entry, future))
@@ -130,7 +133,9 @@ class DurableLog:
     async def close(self, drain_timeout: float = 10.0) -> None:
         """Write what waits, give the drain ``drain_timeout`` seconds to finish, stop.  What is
         still spooled stays on disk for the next ingest process."""
-        while self._waiting:
+        for _ in range(1000):  # what waits is written (or spooled) within seconds
+            if not self._waiting:
+                break
             await asyncio.sleep(0.01)
         if self._drainer is not None and not self._drainer.done():
             with contextlib.suppress(TimeoutError):
@@ -141,6 +146,9 @@ class DurableLog:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        for _, future in self._waiting:
+            if not future.done():
+                future.set_exception(StoreError("the log writer closed before this was stored"))
         self._db.shutdown(wait=False, cancel_futures=True)
         self._io.shutdown(wait=True)
         for spool in self.abandoned:
@@ -190,7 +198,10 @@ class DurableLog:
         done, _ = await asyncio.wait({task}, timeout=self.spool_after)
         if not done:
             self._unwritable(f"a commit took longer than {self.spool_after:g} s")
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # settled by the drain
+            # It may still commit: the drain waits for it, then skips what it stored.
+            self._inflight.add(task)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            task.add_done_callback(self._inflight.discard)
             return False
         if task.exception() is not None:
             self._unwritable(_describe(task.exception()))
@@ -224,6 +235,9 @@ class DurableLog:
         delay = 0.1
         while not self._closing:
             spool = self.abandoned[0] if self.abandoned else self.spool
+            if self._inflight:
+                await asyncio.wait(set(self._inflight))  # their entries are spooled too: see _commit
+                continue
             try:
                 batch = await self._run(self._io, lambda: list(spool.read(spool.drained, DRAIN_ENTRIES + 1)))
                 if not batch:
@@ -262,8 +276,8 @@ class DurableLog:
             present: set[tuple[str, dt.datetime]] = set()
             for session in {e.session for e in entries}:
                 times = [e.received_at for e in entries if e.session == session]
-                present.update(conn.execute(select(c.session, c.received_at).where(
-                    c.session == session, c.received_at >= min(times), c.received_at <= max(times))).tuples())
+                present.update((s, at) for s, at in conn.execute(select(c.session, c.received_at).where(
+                    c.session == session, c.received_at >= min(times), c.received_at <= max(times))))
             for e in entries:
                 if (e.session, e.received_at) not in present:  # else a slow commit made it after all
                     result = log.append(conn, notifications_of(e), source=e.source, received_at=e.received_at,

@@ -1,116 +1,283 @@
-// A real CometD server (npm cometd-nodejs-server) for tests/test_bayeux.py, plus a control API.
+// A faithful test double of the CometD server behind Genesys Web Services (GWS 8.5 runs the Java
+// CometD 3.1.x server), built on npm `cometd-nodejs-server` (the CometD project's own Node
+// server), plus the few GWS REST resources the store's clients use and a control API for tests.
 //
-//   node server.js [port]     (port 0 or none: any free port)
+//   node server.js [port] [--timeout MS] [--max-interval MS] [--tls CERT_PEM KEY_PEM]
 //
-// Prints one line on stdout, {"port": N}, once it listens on 127.0.0.1; nothing else goes to
-// stdout.  Every path except /control/* is the Bayeux endpoint (the library accepts any path).
+// port 0 or none: any free port; --timeout (default 2000) is how long a /meta/connect is held,
+// --max-interval (default 10000) how long a session lives without a /meta/connect; --tls
+// serves https with that certificate chain and key.  Listens on 127.0.0.1 and prints one line on
+// stdout, {"port": N}, once listening; nothing else goes to stdout.
 //
-// Control API (JSON in, JSON out):
-//   GET  /control/ping                              -> {"ok": true}
-//   GET  /control/sessions                          -> [{"id", "subscriptions": [channel...]}]
-//   GET  /control/log                               -> every Bayeux request: {n, tIn, tEnd, status,
-//        messages (the request array), reply (the response array or null), dropped}
-//        tIn / tEnd are performance.now() milliseconds: request received / response written.
-//   POST /control/publish   {"channel", "data": [..], "to"?: clientId}
-//        to a channel's subscribers, or (with "to") to one session, in one batch
-//   POST /control/expire    {"clientId"}  forget the session as on expiry: the next connect gets
-//        402::session_unknown (a held connect is answered first, so the client comes back now)
-//   POST /control/advice    {"clientId", "advice": {...}}  merged into every successful
-//        /meta/connect reply to that session from now on
+// Paths under /control/ are the control API; GET /api/v2/... are GWS resources; every other
+// path is the Bayeux endpoint (the library accepts any path; it answers 400 to anything but a
+// POST of a JSON array).
+//
+// ------------------------------------------------------------------------------------------------
+// What the double does, and which real server behaviour each part copies (sources: the Java
+// CometD server 3.1.9, cometd-java/cometd-java-server/src/main/java/org/cometd/server/..., and
+// npm cometd-nodejs-server 1.2.1, cometd-nodejs-server.js and ack-extension.js):
+//
+// * Bayeux long-polling, all of it the library's own code (createCometDServer, HTTPTransport):
+//   handshake alone in its request (else HTTP 500, "protocol violation" in _processMessages),
+//   one held /meta/connect per session for `timeout` ms (Java: AbstractHttpTransport
+//   .handleMetaConnect / AbstractServerTransport "timeout"; Java's default is 30000 ms, the
+//   double's 2000 keeps tests fast), advice {reconnect: retry, interval: 0, timeout} on handshake
+//   and held connects (_advise).
+// * Session expiry: a session that sends no /meta/connect within interval + maxInterval after a
+//   reply is removed by the sweeper, together with its queue (cometd-nodejs-server ServerSession
+//   ._scheduleExpiration/_sweep; Java ServerSessionImpl.scheduleExpiration, BayeuxServerImpl
+//   .sweep, AbstractServerTransport maxInterval default 10000 ms).  A new handshake is a new,
+//   empty session.
+// * Queues per session only.  Neither server keeps anything per user: a message goes into the
+//   queue of each session it is delivered to (cometd-nodejs-server ServerSession._offer; Java
+//   ServerSessionImpl.doDeliver/offer), and a message published while no session of the user
+//   is subscribed reaches nobody.  The GWS side (notifications of /v2/me/* belong to the agent
+//   whose Basic login made the session) is modelled the way a Java service would do it: the
+//   double calls ServerSession.deliver on each session of that login subscribed to the channel
+//   (cometd-nodejs-server ServerSession.deliver; Java ServerSessionImpl.deliver(Session, String,
+//   Object)), inside ServerSession.batch, so one publish is one batch.  That GWS delivers to
+//   *every* session of a user is an assumption (see COMETD-NOTES), not documented.
+// * Deliveries carry no `id` and no `clientId`: ServerSession.deliver builds {channel, data}
+//   (both servers: cometd-nodejs-server ServerSession.deliver; Java ServerSessionImpl.deliver
+//   sets channel and data only) and broadcast publishing deletes both (cometd-nodejs-server
+//   CometDServer._publish; Java BayeuxServerImpl.doPublish: setClientId(null), setId(null)).
+// * Ack extension (cometd-nodejs-server/ack-extension.js AcknowledgedMessagesExtension; Java
+//   ext/AcknowledgedMessagesExtension + AcknowledgedMessagesSessionExtension): enabled for a
+//   session whose handshake carries ext.ack === true; per-session batch queue; every connect
+//   reply closes a batch and carries its number in ext.ack; a connect's ext.ack clears the queue
+//   up to that batch; what is not acknowledged is sent again in the next connect reply of the
+//   SAME session and dies with it; messages travel only in connect replies
+//   (_metaConnectDeliveryOnly; Java setMetaConnectDeliveryOnly(true)).  Per login
+//   (/control/configure):
+//     "on"     (default) the handshake reply says ext.ack: true (Node AcknowledgedMessages-
+//              Extension; Java AcknowledgedMessagesSessionExtension.sendMeta without
+//              allowMessageDeliveryDuringHandshake);
+//     "object" the handshake reply says ext.ack: {enabled: true, batch: N} and the handshake
+//              reply closes batch N, so the first connect reply carries N + 1 (Java
+//              AcknowledgedMessagesSessionExtension.sendMeta + closeBatch with
+//              allowMessageDeliveryDuringHandshake on); the double closes the batch with the
+//              Node extension's own code (a connect reply it never sends);
+//     "off"    a server without the extension: ext.ack is taken out of the handshake request
+//              before the extension sees it, so replies carry no ext.ack at all.
+// * 402 for an unknown session: cometd-nodejs-server words it "402::session_unknown"
+//   (CometDServer._unknown); for a login configured java402, or a clientId given to
+//   /control/java-402, the double words it "402::Unknown client" as Java does (3.1.9
+//   BayeuxServerImpl.unknownSession).  Both servers put advice {reconnect: "handshake",
+//   interval: 0} on /meta/handshake and /meta/connect replies only; a /meta/subscribe reply
+//   carries none.  The double changes the wording only.
+// * multiple-clients: one held connect per BAYEUX_BROWSER cookie (maxSessionsPerBrowser 1);
+//   another session's connect on that cookie is answered at once with advice
+//   {multiple-clients: true, reconnect: retry, interval: 2000} (multiSessionInterval 2000):
+//   cometd-nodejs-server HTTPTransport._addBrowserMetaConnect/_processMetaConnect; Java 3.1.9
+//   AbstractHttpTransport.handleMetaConnect/incBrowserId, same option names and defaults.  Set
+//   explicitly below so the double cannot lose it.
+// * Idle keep-alive connections are closed after 30 s (Jetty's default connector idle timeout, the
+//   Java servlet container CometD is usually run in), not after Node's 5 s.
+//
+// GWS behaviour (Genesys Web Services API v2 documentation, not code):
+// * HTTP Basic auth ("Interpreting a Response", "Return Values": statusCode 20 = not
+//   authenticated).  Logins registered with /control/auth must give their password, else HTTP
+//   401 {"statusCode": 20, "statusMessage": "Access denied"} (with WWW-Authenticate, RFC 7235);
+//   any other login, and requests without credentials, are accepted (the double is shared by
+//   many tests).  Checked on Bayeux POSTs and on GET /api/v2/..., before CSRF.
+// * CSRF (GWS CSRF page): with it on, GETs of /api/v2/... answer X-CSRF-HEADER: X-CSRF-TOKEN and
+//   X-CSRF-TOKEN: <token>; a Bayeux POST without that token gets HTTP 403
+//   {"statusCode": 20, "statusMessage": "Missing or invalid Csrf token"}.  With it off,
+//   GET /api/v2/me answers 404 (a server without that resource).
+// * GET /api/v2/me/workitems (any query, e.g. ?fields=*; "Recovering Existing State",
+//   "Workitem Resource", "Return Values": a collection named after the resource) answers
+//   {"statusCode": 0, "workitems": [resource...]} for the Basic login: built from every
+//   WorkitemStateChangeMessage published with "user" (delivered or not): StatusChange and
+//   PropertiesUpdated merge data.workitem's fields into the resource of that id (receivedDate,
+//   GWS format "2026-11-30 13:20:52.000+0000", added when it first appears); state Completed or
+//   Revoked removes it; other notifications (Error, ...) change nothing.  Errors: HTTP status
+//   with {"statusCode": 1|3|4|6|20, "statusMessage"} ("Return Values" codes).
+//
+// ------------------------------------------------------------------------------------------------
+// Control API (JSON in, JSON out; POST with a JSON body, GET without):
+//   GET  /control/ping                 -> {"ok": true}
+//   GET  /control/sessions             -> [{"id", "user" (Basic login or null), "subscriptions"}]
+//   GET  /control/log                  -> every Bayeux request: {n, tIn, tEnd, status, user, path,
+//        messages (the request array as the client sent it), reply (the response array or
+//        null), dropped}; tIn / tEnd are performance.now() milliseconds: request received /
+//        response written.
+//   POST /control/publish  {"channel", "data": [..], "user"?: login, "to"?: clientId}
+//        -> {"published": len(data), "sessions": [clientId...]}
+//        "user": to every live session of that login subscribed to the channel (or a wildcard
+//        of it), one batch each; none: the messages are lost (counted).  Feeds the workitems.
+//        "to": to that session (404 if unknown).  Neither: publish on the channel (broadcast).
+//   POST /control/configure {"user", "ack"?: "on"|"object"|"off", "java402"?: bool}
+//        -> {"user", "ack", "java402"}; for sessions that handshake with that login from now on
+//        (java402: for every later 402 to that login).  GET -> {login: {"ack", "java402"}}
+//   GET  /control/users                -> {login: {"sessions": [live clientIds], "published": n,
+//        "lost": n (published while no session of it was subscribed), "acked": {clientId:
+//        [data acknowledged, in order]}}}   (acked: from the connects' ext.ack numbers and the
+//        batches the connect replies carried; observation only)
+//   POST /control/expire   {"clientId"}  forget the session as on expiry (its queue too): the
+//        next connect gets a 402 (a held connect is answered first, so the client comes back now)
+//   POST /control/advice   {"clientId", "advice": {...}}  merged into every successful
+//        /meta/connect reply to that session from now on (a held connect is answered now)
 //   POST /control/drop-next-reply {"clientId"}  the next /meta/connect response carrying messages
 //        to that client is lost: the socket is destroyed instead of answered
-//   POST /control/java-402  {"clientId"}  402 replies to that client read "402::Unknown client"
-//        and carry no advice, as Java CometD words them
-//
-// Users (GWS style: notifications belong to a user, whatever session reads them).  A session's
-// user is the HTTP Basic login of its handshake request.
-//   POST /control/publish   {"channel", "data": [..], "user": name}  kept for that user until a
-//        session of that user acknowledges it (ack extension); delivered to the user's
-//        subscribed sessions now, and to each session of that user when it subscribes
-//        (so a new session gets what no session acknowledged: at least once per user)
-//   GET  /control/users     -> {name: {"sessions": [clientId...], "pending": [data...],
-//        "acked": [data...]}}  (acked: in the order acknowledged)
-//   POST /control/csrf      {"enabled": bool}  -> {"token"}  with CSRF on, `GET /api/v2/me`
-//        answers 200 with headers X-CSRF-HEADER: X-CSRF-TOKEN and X-CSRF-TOKEN: <token>, and a
-//        Bayeux request without that token gets HTTP 403 "Missing or invalid Csrf token";
-//        each call makes a new token (the old one is refused from then on).  With CSRF off,
-//        `GET /api/v2/me` answers 404, as a server without that resource.
-//   GET  /control/csrf      -> {"enabled", "token", "fetches": GETs of /api/v2/me, "refused": 403s}
+//   POST /control/java-402 {"clientId"}  402 replies to that client read "402::Unknown client"
+//   POST /control/csrf     {"enabled": bool} -> state; each call makes a new token (the old one is
+//        refused from then on).  GET -> {"enabled", "token", "fetches": GETs of /api/v2/me,
+//        "refused": 403s}
+//   POST /control/auth     {"users": {login: password | null}}  register (null: forget) logins
+//        whose password is checked -> {"users": [login...], "refused": 401s}; GET: the same
+//   GET  /control/workitems            -> {login: [resource...]}
+//   POST /control/workitems {"user", "workitems": [resource...]}  replace that login's list
+//   POST /control/fail-workitems {"user", "status"?: 500, "count"?: 1, "statusMessage"?}  the next
+//        `count` GETs of that login's workitems answer `status` with a GWS JSON error body
 'use strict';
 
+const fs = require('fs');
 const http = require('http');
+const https = require('https');
+const crypto = require('crypto');
 const {performance} = require('perf_hooks');
 const {createCometDServer} = require('cometd-nodejs-server');
 const {AcknowledgedMessagesExtension} = require('cometd-nodejs-server/ack-extension');
 
-const port = Number(process.argv[2] || 0);
-const cometd = createCometDServer({timeout: 2000, maxInterval: 10000});
-cometd.addExtension(new AcknowledgedMessagesExtension());
-
-const sessions = new Map();
-cometd.addListener('sessionAdded', session => sessions.set(session.id, session));
-cometd.addListener('sessionRemoved', session => sessions.delete(session.id));
-
-const adviceOverrides = new Map();
-const dropNext = new Set();
-const java402 = new Set();
-const log = [];
-
-const sessionUser = new Map();   // clientId -> Basic login of its handshake
-const users = new Map();         // login -> {pending: [{key, data, channel}], acked: [data]}
-const sentBatches = new Map();   // clientId -> [{batch, keys}] user messages per connect reply
-const csrf = {enabled: false, token: null, fetches: 0, refused: 0};
-
-function userState(name) {
-    if (!users.has(name)) {
-        users.set(name, {pending: [], acked: []});
-    }
-    return users.get(name);
+function usage(problem) {
+    process.stderr.write(`${problem}\nusage: node server.js [port] [--timeout MS] [--max-interval MS] `
+                         + '[--tls CERT_PEM KEY_PEM]\n');
+    process.exit(2);
 }
 
-function basicLogin(request) {
+function parseArguments(argv) {
+    const options = {port: 0, timeout: 2000, maxInterval: 10000, tls: null};
+    for (let i = 0; i < argv.length; ++i) {
+        const arg = argv[i];
+        const milliseconds = () => {
+            const value = Number(argv[++i]);
+            if (!Number.isInteger(value) || value < 0) {
+                usage(`${arg} needs milliseconds`);
+            }
+            return value;
+        };
+        if (arg === '--timeout') {
+            options.timeout = milliseconds();
+        } else if (arg === '--max-interval') {
+            options.maxInterval = milliseconds();
+        } else if (arg === '--tls') {
+            if (i + 2 >= argv.length) {
+                usage('--tls needs a certificate and a key file');
+            }
+            options.tls = {cert: fs.readFileSync(argv[++i]), key: fs.readFileSync(argv[++i])};
+        } else if (/^\d+$/.test(arg)) {
+            options.port = Number(arg);
+        } else {
+            usage(`unknown argument ${arg}`);
+        }
+    }
+    return options;
+}
+
+const options = parseArguments(process.argv.slice(2));
+const cometd = createCometDServer({
+    timeout: options.timeout,
+    maxInterval: options.maxInterval,
+    maxSessionsPerBrowser: 1,    // the defaults of both servers, stated: multiple-clients advice
+    multiSessionInterval: 2000,
+});
+
+// -- state -----------------------------------------------------------------------------------------
+
+const sessions = new Map();       // clientId -> live ServerSession
+const sessionInfo = new Map();    // clientId -> {user, sent: [{batch, messages}], acked: Set}
+const configs = new Map();        // login -> {ack, java402}
+const passwords = new Map();      // login -> password (registered logins only)
+const stats = new Map();          // login -> {published, lost, acked: Map clientId -> [data]}
+const workitems = new Map();      // login -> Map id -> resource
+const workitemFailures = new Map();  // login -> {status, count, statusMessage}
+const adviceOverrides = new Map();
+const dropNext = new Set();
+const java402Clients = new Set();
+const log = [];
+const csrf = {enabled: false, token: null, fetches: 0, refused: 0};
+const auth = {refused: 0};
+
+function configOf(login) {
+    return Object.assign({ack: 'on', java402: false}, login ? configs.get(login) : undefined);
+}
+
+function statsOf(login) {
+    if (!stats.has(login)) {
+        stats.set(login, {published: 0, lost: 0, acked: new Map()});
+    }
+    return stats.get(login);
+}
+
+function workitemsOf(login) {
+    if (!workitems.has(login)) {
+        workitems.set(login, new Map());
+    }
+    return workitems.get(login);
+}
+
+function credentials(request) {
     const header = request.headers.authorization || '';
     if (!header.startsWith('Basic ')) {
         return null;
     }
     const decoded = Buffer.from(header.slice(6), 'base64').toString('utf8');
-    return decoded.split(':')[0];
+    const colon = decoded.indexOf(':');
+    return colon < 0 ? {login: decoded, password: null}
+        : {login: decoded.slice(0, colon), password: decoded.slice(colon + 1)};
 }
 
-function acknowledge(clientId, ack) {
-    const user = sessionUser.get(clientId);
-    const batches = sentBatches.get(clientId) || [];
-    if (!user) {
-        return;
-    }
-    const state = userState(user);
-    const keys = new Set();
-    sentBatches.set(clientId, batches.filter(b => {
-        if (b.batch <= ack) {
-            b.keys.forEach(k => keys.add(k));
-            return false;
+// -- the ack extension, per login ------------------------------------------------------------------
+
+const ackExtension = new AcknowledgedMessagesExtension();
+
+// The extension's session part closes a batch when it extends a /meta/connect reply; "object"
+// makes the handshake reply close one too and say so, as Java's sendMeta does.
+function handshakeClosesBatch(session, extension) {
+    const outgoing = extension.outgoing;
+    extension.outgoing = (sender, to, message, callback) => outgoing(sender, to, message, (failure, result) => {
+        if (!failure && message.channel === '/meta/handshake') {
+            const closing = {channel: '/meta/connect', id: `handshake ${session.id}`};
+            outgoing(sender, to, closing, () => undefined);
+            message.ext = message.ext || {};
+            message.ext.ack = {enabled: true, batch: closing.ext.ack};
         }
-        return true;
-    }));
-    state.pending = state.pending.filter(p => {
-        if (keys.has(p.key)) {
-            state.acked.push(p.data);
-            return false;
-        }
-        return true;
+        callback(failure, result);
     });
 }
 
-cometd.addListener('subscribed', (channel, session) => {
-    const user = sessionUser.get(session.id);
-    const pending = user ? userState(user).pending.filter(p => p.channel === channel.name) : [];
-    if (pending.length) {
-        session.batch(() => pending.forEach(p => session.deliver(null, p.channel, p.data)));
+cometd.addExtension({
+    incoming: (server, session, message, callback) => {
+        if (message.channel === '/meta/connect' && message.ext && typeof message.ext.ack === 'number') {
+            acknowledge(session.id, message.ext.ack);  // a known session (unknown ones get no extensions)
+        }
+        if (message.channel !== '/meta/handshake' || !session) {
+            callback(undefined, true);
+            return;
+        }
+        const config = configOf(message._login);
+        if (config.ack === 'off' && message.ext) {
+            delete message.ext.ack;  // as a server without the extension: nobody reads it
+        }
+        const before = session.extensions.length;
+        ackExtension.incoming(server, session, message, (failure, result) => {
+            if (!failure && config.ack === 'object') {
+                session.extensions.slice(before).forEach(e => handshakeClosesBatch(session, e));
+            }
+            callback(failure, result);
+        });
     }
 });
 
 cometd.addExtension({
-    outgoing: (cometd, sender, session, message, callback) => {
+    outgoing: (server, sender, session, message, callback) => {
+        if (typeof message.error === 'string' && message.error.startsWith('402::')) {
+            const request = server.context.request;  // the request being processed (synchronously)
+            if (request && request.java402) {
+                message.error = '402::Unknown client';  // Java BayeuxServerImpl.unknownSession
+            }
+        }
         if (message.channel === '/meta/connect' && message.successful && session && adviceOverrides.has(session.id)) {
             message.advice = Object.assign({}, message.advice || {}, adviceOverrides.get(session.id));
         }
@@ -118,113 +285,302 @@ cometd.addExtension({
     }
 });
 
+cometd.addListener('sessionAdded', (session, message) => {
+    const user = (message && message._login) || null;
+    const info = {user, sent: [], acked: new Set()};
+    sessions.set(session.id, session);
+    sessionInfo.set(session.id, info);
+    if (user) {
+        statsOf(user).acked.set(session.id, []);
+    }
+    // Registered after the ack extension's own listener: sees the batch really sent.
+    session.addListener('queueDrain', (s, queue, replies) => {
+        const connect = replies.find(r => r.channel === '/meta/connect');
+        const batch = connect && connect.ext ? connect.ext.ack : undefined;
+        if (typeof batch === 'number' && queue.length) {
+            info.sent.push({batch, messages: queue.slice()});
+        }
+    });
+});
+
+cometd.addListener('sessionRemoved', session => {
+    sessions.delete(session.id);
+    sessionInfo.delete(session.id);
+});
+
+// A connect's ext.ack acknowledges every batch up to that number (ack-extension.js clearToBatch).
+function acknowledge(clientId, ack) {
+    const info = sessionInfo.get(clientId);
+    if (!info) {
+        return;
+    }
+    const acked = info.user ? statsOf(info.user).acked.get(clientId) : null;
+    info.sent = info.sent.filter(({batch, messages}) => {
+        if (batch > ack) {
+            return true;
+        }
+        messages.forEach(m => {
+            if (!info.acked.has(m)) {  // a message sent again is the same object
+                info.acked.add(m);
+                if (acked) {
+                    acked.push(m.data);
+                }
+            }
+        });
+        return false;
+    });
+}
+
+// -- workitems (GWS "Recovering Existing State") ---------------------------------------------------
+
+const GONE = new Set(['Completed', 'Revoked']);
+
+function gwsDate(date) {
+    return date.toISOString().replace('T', ' ').replace('Z', '+0000');
+}
+
+function followWorkitem(user, data) {
+    if (!data || data.messageType !== 'WorkitemStateChangeMessage'
+        || !['StatusChange', 'PropertiesUpdated'].includes(data.notificationType)) {
+        return;
+    }
+    const item = data.workitem;
+    if (!item || typeof item !== 'object' || item.id === undefined || item.id === null) {
+        return;
+    }
+    const list = workitemsOf(user);
+    const id = String(item.id);
+    const existing = list.get(id);
+    const resource = Object.assign(existing || {}, JSON.parse(JSON.stringify(item)));
+    if (!existing && !resource.receivedDate) {
+        resource.receivedDate = gwsDate(new Date());
+    }
+    if (GONE.has(resource.state)) {
+        list.delete(id);
+    } else {
+        list.set(id, resource);
+    }
+}
+
+// -- HTTP ------------------------------------------------------------------------------------------
+
 function parse(text) {
     try {
         return JSON.parse(text);
     } catch (e) {
-        return null;
+        return undefined;
     }
 }
 
-function bayeux(request, response, messages) {
-    const entry = {n: log.length + 1, tIn: performance.now(), tEnd: null, status: null, messages, reply: null, dropped: false};
-    log.push(entry);
-    const clientId = messages.map(m => m && m.clientId).find(Boolean);
-    const isConnect = messages.some(m => m && m.channel === '/meta/connect');
-    const login = basicLogin(request);
-    if (csrf.enabled && request.headers['x-csrf-token'] !== csrf.token) {
-        csrf.refused += 1;
-        entry.tEnd = performance.now();
-        entry.status = 403;
-        response.writeHead(403, {'Content-Type': 'text/plain'});
-        response.end('Missing or invalid Csrf token');
+function sendJson(response, status, value, headers = {}) {
+    response.writeHead(status, Object.assign({'Content-Type': 'application/json'}, headers));
+    response.end(JSON.stringify(value));
+}
+
+const GWS_STATUS = {400: 1, 401: 20, 403: 3, 404: 6};  // "Return Values"; anything else: 4
+
+function gwsError(response, status, statusMessage, headers = {}) {
+    sendJson(response, status, {statusCode: GWS_STATUS[status] === undefined ? 4 : GWS_STATUS[status],
+                                statusMessage}, headers);
+}
+
+function accessDenied(response) {
+    auth.refused += 1;
+    sendJson(response, 401, {statusCode: 20, statusMessage: 'Access denied'},
+             {'WWW-Authenticate': 'Basic realm="GWS"'});
+}
+
+function authenticated(creds) {
+    return !creds || !passwords.has(creds.login) || passwords.get(creds.login) === creds.password;
+}
+
+function csrfHeaders() {
+    return csrf.enabled ? {'X-CSRF-HEADER': 'X-CSRF-TOKEN', 'X-CSRF-TOKEN': csrf.token} : {};
+}
+
+function api(request, response, path) {
+    const creds = credentials(request);
+    if (!authenticated(creds)) {
+        accessDenied(response);
         return;
     }
-    messages.forEach(m => {
-        if (m && m.channel === '/meta/connect' && m.ext && typeof m.ext.ack === 'number') {
-            acknowledge(m.clientId, m.ext.ack);
+    const login = creds ? creds.login : null;
+    if (path === '/api/v2/me') {
+        if (!csrf.enabled) {
+            gwsError(response, 404, 'Resource not found');
+            return;
         }
-    });
+        csrf.fetches += 1;
+        sendJson(response, 200, {statusCode: 0, user: {userName: login}}, csrfHeaders());
+        return;
+    }
+    if (path === '/api/v2/me/workitems') {
+        const failure = login ? workitemFailures.get(login) : undefined;
+        if (failure && failure.count > 0) {
+            failure.count -= 1;
+            gwsError(response, failure.status, failure.statusMessage, csrfHeaders());
+            return;
+        }
+        const list = login && workitems.has(login) ? [...workitems.get(login).values()] : [];
+        sendJson(response, 200, {statusCode: 0, workitems: list}, csrfHeaders());
+        return;
+    }
+    gwsError(response, 404, 'Resource not found', csrfHeaders());
+}
+
+function bayeux(request, response, content) {
+    const messages = parse(content);
+    const valid = Array.isArray(messages) && messages.every(m => m && typeof m === 'object' && !Array.isArray(m));
+    const creds = credentials(request);
+    const login = creds ? creds.login : null;
+    // Logged: every request that is a message array (its copy: extensions change the messages).
+    const entry = valid ? {n: log.length + 1, tIn: performance.now(), tEnd: null, status: null, user: login,
+                           path: request.url.split('?')[0], messages: parse(content), reply: null,
+                           dropped: false} : null;
+    if (entry) {
+        log.push(entry);
+    }
+    const done = status => {
+        if (entry) {
+            entry.tEnd = performance.now();
+            entry.status = status;
+        }
+    };
+    if (!authenticated(creds)) {
+        accessDenied(response);
+        done(401);
+        return;
+    }
+    if (csrf.enabled && request.headers['x-csrf-token'] !== csrf.token) {
+        csrf.refused += 1;
+        sendJson(response, 403, {statusCode: 20, statusMessage: 'Missing or invalid Csrf token'});
+        done(403);
+        return;
+    }
+    if (!valid) {
+        response.statusCode = 400;
+        response.end();
+        done(400);
+        return;
+    }
+    const clientId = messages.map(m => m.clientId).find(Boolean);
+    const isConnect = messages.some(m => m.channel === '/meta/connect');
+    messages.forEach(m => Object.defineProperty(m, '_login', {value: login}));  // for the extensions
+    request.java402 = java402Clients.has(clientId) || configOf(login).java402;
     const end = response.end.bind(response);
-    response.end = (content, ...rest) => {
-        let text = content === undefined || content === null ? '' : String(content);
-        let reply = text ? parse(text) : null;
-        if (clientId && java402.has(clientId) && Array.isArray(reply) && text.includes('402::')) {
-            reply.forEach(m => {
-                if (typeof m.error === 'string' && m.error.startsWith('402::')) {
-                    m.error = '402::Unknown client';
-                    delete m.advice;
-                }
-            });
-            text = content = JSON.stringify(reply);
-        }
-        entry.tEnd = performance.now();
-        entry.status = response.statusCode;
-        entry.reply = reply;
-        if (Array.isArray(reply)) {
-            reply.forEach(m => {
-                if (m.channel === '/meta/handshake' && m.successful && m.clientId && login) {
-                    sessionUser.set(m.clientId, login);
-                }
-            });
-            const connect = reply.find(m => m.channel === '/meta/connect');
-            const user = clientId && sessionUser.get(clientId);
-            if (user && connect && connect.ext && typeof connect.ext.ack === 'number') {
-                const pendingKeys = new Set(userState(user).pending.map(p => p.key));
-                const keys = reply.filter(m => !String(m.channel).startsWith('/meta/'))
-                    .map(m => JSON.stringify(m.data)).filter(k => pendingKeys.has(k));
-                if (keys.length) {
-                    if (!sentBatches.has(clientId)) {
-                        sentBatches.set(clientId, []);
-                    }
-                    sentBatches.get(clientId).push({batch: connect.ext.ack, keys});
-                }
-            }
-        }
+    response.end = (body, ...rest) => {
+        const text = body === undefined || body === null ? '' : String(body);
+        const reply = text ? parse(text) : null;
+        done(response.statusCode);
+        entry.reply = Array.isArray(reply) ? reply : null;
         const carriesMessages = Array.isArray(reply) && reply.some(m => !String(m.channel).startsWith('/meta/'));
         if (isConnect && carriesMessages && dropNext.delete(clientId)) {
             entry.dropped = true;
             response.socket.destroy();
             return response;
         }
-        return end(content, ...rest);
+        return end(body, ...rest);
     };
     request.body = messages;
     cometd.handle(request, response);
 }
 
-function control(path, body, reply) {
-    const session = body && body.clientId ? sessions.get(body.clientId) : undefined;
+// -- control ---------------------------------------------------------------------------------------
+
+function subscribedTo(session, channelName) {
+    const names = new Set([channelName, ...cometd.createServerChannel(channelName).wildNames]);
+    return session.subscriptions.some(c => names.has(c.name));
+}
+
+function publish(body, reply) {
+    const channelName = body.channel;
+    const data = Array.isArray(body.data) ? body.data : [];
+    if (typeof channelName !== 'string' || !/^\/[^/*]+(\/[^/*]+)*$/.test(channelName) || channelName.startsWith('/meta/')) {
+        return reply(400, {error: 'a channel is needed'});
+    }
+    if (body.user) {
+        const user = String(body.user);
+        const counts = statsOf(user);
+        counts.published += data.length;
+        data.forEach(d => followWorkitem(user, d));
+        const targets = [...sessions.values()].filter(s => sessionInfo.get(s.id).user === user
+                                                           && subscribedTo(s, channelName));
+        if (!targets.length) {
+            counts.lost += data.length;
+        }
+        targets.forEach(t => t.batch(() => data.forEach(d => t.deliver(null, channelName, d))));
+        return reply(200, {published: data.length, sessions: targets.map(t => t.id)});
+    }
+    if (body.to) {
+        const target = sessions.get(body.to);
+        if (!target) {
+            return reply(404, {error: 'unknown session'});
+        }
+        target.batch(() => data.forEach(d => target.deliver(null, channelName, d)));
+        return reply(200, {published: data.length, sessions: [target.id]});
+    }
+    const channel = cometd.createServerChannel(channelName);
+    const targets = [...sessions.values()].filter(s => subscribedTo(s, channelName));
+    data.forEach(d => channel.publish(null, d));
+    return reply(200, {published: data.length, sessions: targets.map(t => t.id)});
+}
+
+function users() {
+    const result = {};
+    const of = name => {
+        if (!result[name]) {
+            result[name] = {sessions: [], published: 0, lost: 0, acked: {}};
+        }
+        return result[name];
+    };
+    for (const [name, counts] of stats) {
+        Object.assign(of(name), {published: counts.published, lost: counts.lost,
+                                 acked: Object.fromEntries(counts.acked)});
+    }
+    for (const id of sessions.keys()) {
+        const user = sessionInfo.get(id).user;
+        if (user) {
+            of(user).sessions.push(id);
+        }
+    }
+    return result;
+}
+
+function control(method, path, body, reply) {
+    const b = body || {};
+    const session = b.clientId ? sessions.get(b.clientId) : undefined;
     switch (path) {
         case '/control/ping':
             return reply(200, {ok: true});
         case '/control/sessions':
-            return reply(200, [...sessions.values()].map(s => ({id: s.id, subscriptions: s.subscriptions.map(c => c.name)})));
+            return reply(200, [...sessions.values()].map(s => ({
+                id: s.id, user: sessionInfo.get(s.id).user, subscriptions: s.subscriptions.map(c => c.name)})));
         case '/control/log':
             return reply(200, log);
-        case '/control/publish': {
-            const data = body.data || [];
-            if (body.user) {
-                const state = userState(body.user);
-                data.forEach(d => state.pending.push({key: JSON.stringify(d), data: d, channel: body.channel}));
-                for (const target of sessions.values()) {
-                    if (sessionUser.get(target.id) === body.user
-                        && target.subscriptions.some(c => c.name === body.channel)) {
-                        target.batch(() => data.forEach(d => target.deliver(null, body.channel, d)));
-                    }
-                }
-            } else if (body.to) {
-                const target = sessions.get(body.to);
-                if (!target) {
-                    return reply(404, {error: 'unknown session'});
-                }
-                target.batch(() => data.forEach(d => target.deliver(null, body.channel, d)));
-            } else {
-                const channel = cometd.createServerChannel(body.channel);
-                data.forEach(d => channel.publish(null, d));
+        case '/control/publish':
+            return publish(b, reply);
+        case '/control/configure': {
+            if (method === 'GET') {
+                return reply(200, Object.fromEntries([...configs.keys()].map(k => [k, configOf(k)])));
             }
-            return reply(200, {published: data.length});
+            if (!b.user) {
+                return reply(400, {error: 'a user is needed'});
+            }
+            const config = configOf(b.user);
+            if (b.ack !== undefined) {
+                if (!['on', 'object', 'off'].includes(b.ack)) {
+                    return reply(400, {error: 'ack is "on", "object" or "off"'});
+                }
+                config.ack = b.ack;
+            }
+            if (b.java402 !== undefined) {
+                config.java402 = Boolean(b.java402);
+            }
+            configs.set(String(b.user), config);
+            return reply(200, Object.assign({user: b.user}, config));
         }
+        case '/control/users':
+            return reply(200, users());
         case '/control/expire':
             if (!session) {
                 return reply(404, {error: 'unknown session'});
@@ -235,44 +591,59 @@ function control(path, body, reply) {
             }
             return reply(200, {expired: session.id});
         case '/control/advice':
-            adviceOverrides.set(body.clientId, body.advice);
+            adviceOverrides.set(b.clientId, b.advice);
             if (session && session._scheduler) {
                 session._scheduler.resume();  // answer the held connect now, with the new advice
             }
             return reply(200, {ok: true});
         case '/control/drop-next-reply':
-            dropNext.add(body.clientId);
+            dropNext.add(b.clientId);
             return reply(200, {ok: true});
-        case '/control/users': {
-            const result = {};
-            for (const [name, state] of users) {
-                result[name] = {sessions: [], pending: state.pending.map(p => p.data), acked: state.acked};
-            }
-            for (const [id, name] of sessionUser) {
-                if (sessions.has(id)) {
-                    if (!result[name]) {
-                        result[name] = {sessions: [], pending: [], acked: []};
-                    }
-                    result[name].sessions.push(id);
-                }
-            }
-            return reply(200, result);
-        }
+        case '/control/java-402':
+            java402Clients.add(b.clientId);
+            return reply(200, {ok: true});
         case '/control/csrf':
-            if (body) {
-                csrf.enabled = Boolean(body.enabled);
-                csrf.token = csrf.enabled ? require('crypto').randomBytes(12).toString('hex') : null;
+            if (method === 'POST') {
+                csrf.enabled = Boolean(b.enabled);
+                csrf.token = csrf.enabled ? crypto.randomBytes(12).toString('hex') : null;
             }
             return reply(200, csrf);
-        case '/control/java-402':
-            java402.add(body.clientId);
-            return reply(200, {ok: true});
+        case '/control/auth':
+            if (method === 'POST') {
+                for (const [login, password] of Object.entries(b.users || {})) {
+                    if (password === null) {
+                        passwords.delete(login);
+                    } else {
+                        passwords.set(login, String(password));
+                    }
+                }
+            }
+            return reply(200, {users: [...passwords.keys()], refused: auth.refused});
+        case '/control/workitems':
+            if (method === 'POST') {
+                if (!b.user || !Array.isArray(b.workitems)) {
+                    return reply(400, {error: 'user and workitems are needed'});
+                }
+                const list = new Map();
+                b.workitems.forEach((w, i) => list.set(w && w.id !== undefined ? String(w.id) : `#${i}`, w));
+                workitems.set(String(b.user), list);
+            }
+            return reply(200, Object.fromEntries([...workitems].map(([k, v]) => [k, [...v.values()]])));
+        case '/control/fail-workitems': {
+            if (!b.user) {
+                return reply(400, {error: 'a user is needed'});
+            }
+            const failure = {status: Number(b.status || 500), count: Number(b.count === undefined ? 1 : b.count),
+                             statusMessage: b.statusMessage || 'Internal error'};
+            workitemFailures.set(String(b.user), failure);
+            return reply(200, Object.assign({user: b.user}, failure));
+        }
         default:
             return reply(404, {error: 'unknown control ' + path});
     }
 }
 
-const server = http.createServer((request, response) => {
+function handle(request, response) {
     let content = '';
     request.setEncoding('utf8');
     request.on('data', chunk => {
@@ -281,35 +652,35 @@ const server = http.createServer((request, response) => {
     request.on('end', () => {
         const path = request.url.split('?')[0];
         if (path.startsWith('/control/')) {
-            control(path, content ? parse(content) : null, (status, value) => {
-                response.writeHead(status, {'Content-Type': 'application/json'});
-                response.end(JSON.stringify(value));
-            });
-            return;
-        }
-        if (request.method === 'GET' && path === '/api/v2/me') {
-            if (!csrf.enabled) {
-                response.writeHead(404, {'Content-Type': 'application/json'});
-                response.end(JSON.stringify({statusCode: 404}));
+            const body = content ? parse(content) : null;
+            if (body === undefined) {
+                sendJson(response, 400, {error: 'not JSON'});
                 return;
             }
-            csrf.fetches += 1;
-            response.writeHead(200, {'Content-Type': 'application/json', 'X-CSRF-HEADER': 'X-CSRF-TOKEN',
-                                     'X-CSRF-TOKEN': csrf.token});
-            response.end(JSON.stringify({statusCode: 0, user: {userName: basicLogin(request)}}));
+            const reply = (status, value) => sendJson(response, status, value);
+            try {
+                control(request.method, path, body, reply);
+            } catch (failure) {
+                process.stderr.write(`control ${path}: ${failure.stack || failure}\n`);
+                reply(500, {error: String(failure)});
+            }
             return;
         }
-        const messages = parse(content);
-        if (!Array.isArray(messages)) {
-            response.statusCode = 400;
-            response.end();
+        if (request.method === 'GET' && path.startsWith('/api/v2/')) {
+            api(request, response, path);
             return;
         }
-        bayeux(request, response, messages);
+        bayeux(request, response, content);
     });
-});
+}
 
-server.listen(port, '127.0.0.1', () => {
+const server = options.tls ? https.createServer(options.tls, handle) : http.createServer(handle);
+// Idle keep-alive connections: closed after 30 s, Jetty's default idle timeout, not Node's 5 s,
+// which races with clients that keep connections for 15 s (aiohttp) and turns into spurious
+// "Server disconnected" failures.
+server.keepAliveTimeout = 30000;
+
+server.listen(options.port, '127.0.0.1', () => {
     process.stdout.write(JSON.stringify({port: server.address().port}) + '\n');
 });
 
