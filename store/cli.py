@@ -398,7 +398,10 @@ def status(as_json):
         _echo_json(info)
         return
     e = info["event_log"]
-    click.echo(f"event_log: {e['rows']} rows, {e['duplicates']} duplicate, {e['quarantined']} quarantined")
+    records = "" if e["rows"] == e["kinds"]["notification"] else (
+        f" ({e['kinds']['notification']} notifications, {e['kinds']['session']} session markers, "
+        f"{e['kinds']['snapshot']} snapshots of live ingest)")
+    click.echo(f"event_log: {e['rows']} rows{records}, {e['duplicates']} duplicate, {e['quarantined']} quarantined")
     click.echo(f"chain head: seq {e['head_seq']} {e['chain_head']}")
     for reason, n in e["quarantine_reasons"].items():
         click.echo(f"  quarantined {n}: {reason}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import Connection, func, select
 
 from . import log
+from .notifications import KINDS
 from .projections import PROJECTIONS
 from .schema import PROJECTION_TABLES, event_log, imported_files, projection_checkpoints
 
@@ -17,6 +18,7 @@ def status(conn: Connection) -> dict:
         func.count(c.duplicate_of),
         func.count(c.quarantine_reason),
     )).one()
+    kinds = dict(conn.execute(select(c.kind, func.count()).group_by(c.kind)).all())
     reasons = conn.execute(
         select(c.quarantine_reason, func.count()).where(c.quarantine_reason.is_not(None))
         .group_by(c.quarantine_reason).order_by(func.count().desc()).limit(10)
@@ -35,6 +37,7 @@ def status(conn: Connection) -> dict:
               for t in (event_log, imported_files, *PROJECTION_TABLES)}
     return {
         "event_log": {"rows": counts[0], "duplicates": counts[1], "quarantined": counts[2],
+                      "kinds": {kind: kinds.get(kind, 0) for kind in KINDS},
                       "head_seq": head_seq, "chain_head": head_hash,
                       "quarantine_reasons": {reason: n for reason, n in reasons}},
         "tables": tables,

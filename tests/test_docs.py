@@ -114,6 +114,24 @@ def test_sql_md_has_examples():
         assert any(b.engines == (engine,) for b in BLOCKS)
 
 
+def live_capture() -> list[str]:
+    from helpers import live, marker, snapshot, started
+
+    at = dt.datetime(2026, 11, 2, 12, 0, tzinfo=dt.timezone.utc)
+    second = dt.timedelta(seconds=1)
+    invited = {"messageType": "WorkitemStateChangeMessage", "notificationType": "StatusChange",
+               "workitem": {"id": "LIVE0000000001", "state": "Invited", "capabilities": ["Accept", "Reject"]}}
+    return [
+        started("agent-001", "i1/agent-001/1", at),
+        snapshot("agent-001", "i1/agent-001/1", at + second, []),
+        live(invited, "agent-001", "i1/agent-001/1", at + 2 * second),
+        marker("agent-001", "i1/agent-001/1", "lost", at + 3 * second, cause="402::session_unknown"),
+        started("agent-001", "i1/agent-001/2", at + 120 * second),
+        snapshot("agent-001", "i1/agent-001/2", at + 121 * second, [
+            {"id": "LIVE0000000002", "state": "Processing", "capabilities": ["Complete"]}]),
+    ]
+
+
 @pytest.fixture(scope="module")
 def demo_store(request, tmp_path_factory):
     """A store of either engine holding the demo stream, projected; made once per engine."""
@@ -133,6 +151,9 @@ def demo_store(request, tmp_path_factory):
     # followed by `workitem-store import stream.jsonl` stores.
     import_lines(engine, simulate(2000, agents=5, noise_rate=0.02), source="file:stream.jsonl",
                  file_name="stream.jsonl")
+    # And what `workitem-store ingest` records of agent-001 live: a session lost for a while,
+    # the snapshot read when it came back.
+    import_lines(engine, live_capture(), source="live", file_name="live.jsonl")
     runner.project(engine)
     yield engine
     engine.dispose()
@@ -281,11 +302,14 @@ def test_sql_md_names_each_writer():
 
 # -- (d) the hash chain as documented ----------------------------------------------------------
 
-def documented_chain_hash(prev, seq, received_at, source, payload_sha256, duplicate_of, reason):
+def documented_chain_hash(prev, seq, received_at, source, payload_sha256, duplicate_of, reason,
+                          kind="notification", session=None):
     """The formula of docs/RULES.md, written out independently of store/log.py."""
     stamp = received_at.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     fields = [prev, str(seq), stamp, source, payload_sha256,
               "" if duplicate_of is None else str(duplicate_of), reason or ""]
+    if kind != "notification" or session is not None:
+        fields += [kind, session or ""]
     return hashlib.sha256("\n".join(fields).encode("utf-8")).hexdigest()
 
 
@@ -319,13 +343,15 @@ def test_documented_formula_reproduces_the_chain(demo_store):
     prev = "0" * 64
     with demo_store.connect() as conn:
         rows = conn.execute(select(c.seq, c.received_at, c.source, c.payload, c.payload_sha256,
-                                   c.duplicate_of, c.quarantine_reason, c.chain_hash).order_by(c.seq)).all()
+                                   c.duplicate_of, c.quarantine_reason, c.kind, c.session, c.chain_hash)
+                            .order_by(c.seq)).all()
     assert rows and [r.seq for r in rows] == list(range(1, len(rows) + 1))
     assert any(r.duplicate_of for r in rows) and any(r.quarantine_reason for r in rows)
+    assert {r.kind for r in rows} == {"notification", "session", "snapshot"}
     for r in rows:
         assert hashlib.sha256(r.payload.encode("utf-8")).hexdigest() == r.payload_sha256
         prev_expected = documented_chain_hash(prev, r.seq, r.received_at, r.source, r.payload_sha256,
-                                              r.duplicate_of, r.quarantine_reason)
+                                              r.duplicate_of, r.quarantine_reason, r.kind, r.session)
         assert prev_expected == r.chain_hash, f"seq {r.seq}"
         prev = r.chain_hash
 

@@ -874,6 +874,46 @@ def test_a_certificate_error_makes_health_503_at_once(tls_server, cometd, tmp_pa
     assert unhealthy["component"] == f"session {bad}" and "certificate verify failed" in unhealthy["reason"]
 
 
+@pytest.mark.parametrize("how", ["HTTPS_PROXY", "--proxy"])
+def test_through_a_proxy(tls_server, tmp_path, monkeypatch, how):
+    """https through an HTTP proxy (CONNECT): from the environment (HTTPS_PROXY, unless NO_PROXY
+    names the host) or from the proxy option; the proxy must see the GWS host."""
+    from http_proxy import HttpProxy
+
+    server, ca_file, context = tls_server
+    [user] = users(1)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+    async def main(proxy):
+        option = None
+        if how == "HTTPS_PROXY":
+            monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+            monkeypatch.setenv("NO_PROXY", "gws.elsewhere.example")
+        else:
+            option = proxy.url
+        engine = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+        ingestor = Ingestor(engine, [SessionConfig(server.base, user, "pw", ca_file=str(ca_file), proxy=option)],
+                            **FAST)
+        task = asyncio.create_task(ingestor.run())
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as http:
+            control = Control(server, http)  # (the test's own requests: not through the proxy)
+            await subscribed(control, [user])
+            await control.publish([notification(r, user) for r in range(3)], user=user)
+            await wait_rows(engine, 3)
+            ingestor.stop()
+            errors = await task
+        rows = log_rows(engine)
+        engine.dispose()
+        return errors, rows
+
+    with HttpProxy() as proxy:
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # the fixtures' own requests go direct
+        errors, rows = run(main(proxy))
+        proxy.wait_for_target(f"127.0.0.1:{server.port}")
+    assert errors == [] and refs_by_source(rows) == {user: [0, 1, 2]}
+
+
 # -- configuration -------------------------------------------------------------------------------------
 
 def test_config_file_rules(tmp_path, monkeypatch):

@@ -322,7 +322,7 @@ class BayeuxClient:
                     self._set_connected(False)
                     self._recovering = True
                     log.warning("Bayeux %s: %s; %s in %.3f s", self._where, exc,
-                                "handshake again" if need_handshake else f"retry {failures}", delay)
+                                "handshake again" if rehandshake else f"retry {failures}", delay)
                     await self._pause(delay)
         except (_Stopped, asyncio.CancelledError):
             if not self._stopping.is_set():
