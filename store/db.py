@@ -10,7 +10,9 @@ import contextlib
 import gc
 import operator
 import os
+import sqlite3
 import sys
+import time
 from pathlib import Path
 
 from alembic import command
@@ -57,6 +59,19 @@ def open_engine(db: str | None = None, *, readonly: bool = False) -> Engine:
         raise StoreError(f"cannot use database URL {url!r}: {exc}") from exc
 
 
+def _set_wal(dbapi_connection) -> None:
+    """Switch a SQLite file to WAL unless it is already (processes opening a new store at once
+    race for it: the loser is refused at once, and retries until it sees WAL set)."""
+    for _ in range(100):
+        if dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+            return
+        try:
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            time.sleep(0.05)
+    raise StoreError("cannot switch the SQLite file to WAL mode: another process keeps it locked")
+
+
 def _sqlite_engine(url, *, readonly: bool) -> Engine:
     database = url.database or ""
     if database and database != ":memory:":
@@ -75,8 +90,8 @@ def _sqlite_engine(url, *, readonly: bool) -> Engine:
         # WAL lets readers (analysts, the projector) run while an importer writes.  Set it only
         # when not set yet: the change takes a lock that a busy writer elsewhere refuses at once
         # ("database is locked", no busy wait), while reading the mode takes none.
-        if not readonly and dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        if not readonly:
+            _set_wal(dbapi_connection)
         # 64 MiB of page cache (default 2 MiB): rebuilds and big imports insert in key order
         # that is random to the b-trees; with a small cache each insert re-reads pages.
         dbapi_connection.execute("PRAGMA cache_size=-65536")

@@ -180,6 +180,16 @@ def _duplicate_without_id(n: Notification, at: dt.datetime, copies: list[_Copy],
     return None
 
 
+@dataclass(frozen=True)
+class Batch:
+    """Notifications to append together; ``source`` and ``received_at`` apply to those that do
+    not carry their own (see ``append``)."""
+
+    notifications: Sequence[Notification]
+    source: str
+    received_at: dt.datetime
+
+
 def append(conn: Connection, notifications: Sequence[Notification], *, source: str,
            received_at: dt.datetime, context: AppendContext | None = None) -> AppendResult:
     """Append a batch inside the caller's write transaction (see db.write_transaction).
@@ -190,55 +200,72 @@ def append(conn: Connection, notifications: Sequence[Notification], *, source: s
     duplicate rule 3.2 takes equal instants for the same record).  ``context`` carries what the
     duplicate rules need across calls (one per import, one per live ingestor).
     """
-    if not notifications:
-        return AppendResult(None, None, 0, 0, 0)
+    return append_batches(conn, [Batch(notifications, source, received_at)], context)[0]
+
+
+def append_batches(conn: Connection, batches: Sequence[Batch],
+                   context: AppendContext | None = None) -> list[AppendResult]:
+    """Append several batches in order, with one lock, one head read and one duplicate lookup
+    for all of them (group commit of live ingest); an AppendResult per batch."""
     context = context or AppendContext()
+    if not any(b.notifications for b in batches):
+        return [AppendResult(None, None, 0, 0, 0) for _ in batches]
     lock_for_append(conn)
     seq, prev = head(conn)
-    first_seq = seq + 1
-    digests = [payload_sha256(n.payload) for n in notifications]
-    keys = {(n.source or source, n.message_id) for n in notifications if n.message_id is not None}
+    items = [(n, b) for b in batches for n in b.notifications]
+    digests = [payload_sha256(n.payload) for n, _ in items]
+    keys = {(n.source or b.source, n.message_id) for n, b in items if n.message_id is not None}
     first_copy = _first_copies(conn, keys) if keys else {}
-    unkeyed = {d for n, d in zip(notifications, digests) if n.message_id is None and n.kind == NOTIFICATION}
+    unkeyed = {d for (n, _), d in zip(items, digests, strict=True) if n.message_id is None and n.kind == NOTIFICATION}
     copies = _copies_by_payload(conn, unkeyed) if unkeyed else {}
     rows: list[dict[str, Any]] = []
-    duplicates = quarantined = unstamped = 0
-    for n, digest in zip(notifications, digests, strict=True):
-        seq += 1
-        row_source = n.source or source
-        if n.received_at is not None:
-            at = n.received_at
-        else:
-            at, unstamped = received_at + unstamped * MICROSECOND, unstamped + 1
-        duplicate_of = None
-        if n.kind != NOTIFICATION:
-            if n.kind == SESSION and (started := _handshake_at(n.payload)) is not None and n.session:
-                context.session_starts[n.session] = started
-        elif n.message_id is not None:
-            # 3.1: a message delivered again carries the same id and the same text.
-            duplicate_of = first_copy.setdefault((row_source, n.message_id, digest), seq)
-            if duplicate_of == seq:
-                duplicate_of = None
-        else:
-            same = copies.setdefault((row_source, digest), [])
-            if same:
-                duplicate_of = _duplicate_without_id(n, at, same, lambda s: session_start(conn, s, context))
-            same.append(_Copy(seq, n.session, at, duplicate_of))
-        if duplicate_of is not None:
-            duplicates += 1
-        if n.quarantine_reason is not None:
-            quarantined += 1
-        prev = chain_hash(prev, seq, at, row_source, digest, duplicate_of, n.quarantine_reason, n.kind, n.session)
-        rows.append({
-            "seq": seq, "received_at": at, "source": row_source, "channel": n.channel,
-            "message_id": n.message_id, "message_type": n.message_type,
-            "notification_type": n.notification_type, "workitem_id": n.workitem_id,
-            "reference_id": n.reference_id, "payload": n.payload, "payload_sha256": digest,
-            "chain_hash": prev, "duplicate_of": duplicate_of, "quarantine_reason": n.quarantine_reason,
-            "kind": n.kind, "session": n.session,
-        })
+    results = []
+    position = 0
+    for batch in batches:
+        first_seq = seq + 1
+        duplicates = quarantined = unstamped = 0
+        for n in batch.notifications:
+            digest = digests[position]
+            position += 1
+            seq += 1
+            row_source = n.source or batch.source
+            if n.received_at is not None:
+                at = n.received_at
+            else:
+                at, unstamped = batch.received_at + unstamped * MICROSECOND, unstamped + 1
+            duplicate_of = None
+            if n.kind != NOTIFICATION:
+                if n.kind == SESSION and (started := _handshake_at(n.payload)) is not None and n.session:
+                    context.session_starts[n.session] = started
+            elif n.message_id is not None:
+                # 3.1: a message delivered again carries the same id and the same text.
+                duplicate_of = first_copy.setdefault((row_source, n.message_id, digest), seq)
+                if duplicate_of == seq:
+                    duplicate_of = None
+            else:
+                same = copies.setdefault((row_source, digest), [])
+                if same:
+                    duplicate_of = _duplicate_without_id(n, at, same, lambda s: session_start(conn, s, context))
+                same.append(_Copy(seq, n.session, at, duplicate_of))
+            if duplicate_of is not None:
+                duplicates += 1
+            if n.quarantine_reason is not None:
+                quarantined += 1
+            prev = chain_hash(prev, seq, at, row_source, digest, duplicate_of, n.quarantine_reason, n.kind,
+                              n.session)
+            rows.append({
+                "seq": seq, "received_at": at, "source": row_source, "channel": n.channel,
+                "message_id": n.message_id, "message_type": n.message_type,
+                "notification_type": n.notification_type, "workitem_id": n.workitem_id,
+                "reference_id": n.reference_id, "payload": n.payload, "payload_sha256": digest,
+                "chain_hash": prev, "duplicate_of": duplicate_of, "quarantine_reason": n.quarantine_reason,
+                "kind": n.kind, "session": n.session,
+            })
+        count = len(batch.notifications)
+        results.append(AppendResult(first_seq if count else None, seq if count else None, count, duplicates,
+                                    quarantined))
     insert_rows(conn, event_log, rows)
-    return AppendResult(first_seq, seq, len(rows), duplicates, quarantined)
+    return results
 
 
 # -- reading -----------------------------------------------------------------------------------

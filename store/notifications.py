@@ -249,7 +249,7 @@ def _envelope(line: str, envelope: dict, payload: str | None) -> Notification:
         return replace(classify_record(kind, envelope["line"]), received_at=received_at, source=source,
                        session=session)
     if payload is not None:
-        return replace(classify(payload, envelope["message"], received_at, source), session=session)
+        return classify(payload, envelope["message"], received_at, source, session)
     if not isinstance(envelope["line"], str):
         return unreadable(line, "envelope line is not a string", received_at, source)
     # An exported row whose payload was a whole input line (not JSON, or a broken envelope).
@@ -316,16 +316,17 @@ def decode_text(raw: bytes) -> tuple[str, str | None]:
     return text, None
 
 
-def classify(payload: str, message: Any, received_at=None, source=None) -> Notification:
+def classify(payload: str, message: Any, received_at=None, source=None, session=None) -> Notification:
     """Apply the quarantine rules to a parsed message (see docs/RULES.md)."""
     if not isinstance(message, dict):
-        return unreadable(payload, "message is not a JSON object", received_at, source)
+        return replace(unreadable(payload, "message is not a JSON object", received_at, source), session=session)
     channel = as_text(message.get("channel"))
     message_id = as_text(message.get("id"))
     data = message.get("data")
     if not isinstance(data, dict):
         reason = "data is missing" if data is None else "data is not an object"
-        return Notification(payload, received_at, source, channel, message_id, None, None, None, None, reason)
+        return Notification(payload, received_at, source, channel, message_id, None, None, None, None, reason,
+                            NOTIFICATION, session)
     message_type = as_text(data.get("messageType"))
     notification_type = as_text(data.get("notificationType"))
     workitem = data.get("workitem")
@@ -343,7 +344,7 @@ def classify(payload: str, message: Any, received_at=None, source=None) -> Notif
         reason = None
     return Notification(
         payload, received_at, source, channel, message_id, message_type, notification_type,
-        workitem_id, reference_id, reason,
+        workitem_id, reference_id, reason, NOTIFICATION, session,
     )
 
 

@@ -18,7 +18,7 @@ import uuid
 
 import aiohttp
 import pytest
-from cometd_server import CHANNEL, DEADLINE, Control, NodeServer, Recorder, eventually, notification
+from cometd_server import CHANNEL, Control, NodeServer, Recorder, eventually, notification
 
 from store.ingest.bayeux import BayeuxClient, basic_authorization
 

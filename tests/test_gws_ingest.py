@@ -22,7 +22,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,13 +31,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 from cometd_server import DEADLINE, Control, NodeServer, eventually, notification
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
-from store.db import StoreError, open_store, snapshot
+from store.db import StoreError, open_store
 from store.ingest.config import SessionConfig, load_config
 from store.ingest.service import Ingestor
 from store.projections.workitems import CLOSED_STATES
-from store.schema import event_log, ingest_gaps, notifications, projection_checkpoints, workitems
+from store.schema import event_log, ingest_gaps, projection_checkpoints, workitems
 from store.simulate import Simulator
 from store.verify import verify
 
@@ -204,7 +203,7 @@ def test_many_sessions_record_their_start_snapshot_notifications_and_end(cometd,
         ingestor = Ingestor(engine, configs, metrics_port=0, **FAST)
         async with aiohttp.ClientSession() as http:
             control = Control(cometd, http)
-            for n, u in enumerate(names):  # what each user has open when the sessions start
+            for u in names:  # what each user has open when the sessions start
                 await control.set_workitems(u, [{"id": f"open-{u}", "state": "Processing", "capabilities": ["Complete"]}])
             task = asyncio.create_task(ingestor.run())
             await subscribed(control, names)

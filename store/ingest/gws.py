@@ -26,7 +26,6 @@ count of its sessions for that source.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import logging
@@ -79,7 +78,7 @@ class GwsSession:
     """
 
     def __init__(self, config: SessionConfig, writer: DurableLog, *, instance: str,
-                 on_session_id: Callable[[str], Any] | None = None, snapshot_timeout: float = 5.0,
+                 on_session_id: Callable[[str], Any] | None = None, snapshot_timeout: float = 3.0,
                  **client_options: Any):
         self.config, self.writer, self.instance = config, writer, instance
         self.stats = SessionStats()

@@ -59,7 +59,7 @@ class Ingestor:
                  project_interval: float = 0.2, metrics_port: int | None = None,
                  metrics_host: str = "127.0.0.1", spool_dir: str | Path | None = None,
                  spool_max: int = 1 << 30, spool_after: float = 2.0, probe_interval: float = 1.0,
-                 snapshot_timeout: float = 5.0, **client_options: Any):
+                 snapshot_timeout: float = 3.0, **client_options: Any):
         self.engine, self.project, self.project_interval = engine, project, project_interval
         root = Path(spool_dir) if spool_dir is not None else default_spool_root(engine)
         store = store_identity(engine)

@@ -78,10 +78,8 @@ class Spool:
         self.size = self._file.seek(0, os.SEEK_END)
         text = (directory / DRAINED).read_text(encoding="ascii").strip() if (directory / DRAINED).exists() else ""
         self.drained = min(int(text or 0), self.size)
-        self.oldest: dt.datetime | None = None  # received_at of the oldest entry not yet drained
-        if self.pending_bytes:
-            first = next(self.read(self.drained, 1), None)
-            self.oldest = first[0].received_at if first else None
+        first = next(self.read(self.drained, 1), None)
+        self.oldest = first[0].received_at if first else None  # of the oldest entry not yet drained
 
     @classmethod
     def create(cls, root: Path, store: str, instance: str | None = None) -> Spool:
@@ -146,7 +144,7 @@ class Spool:
                 offset += len(line)
                 yield Entry.from_line(line.decode("utf-8")), offset
 
-    def mark_drained(self, offset: int, next_oldest: dt.datetime | None) -> None:
+    def mark_drained(self, offset: int) -> None:
         """Everything before ``offset`` is in the log."""
         tmp = self.directory / (DRAINED + ".tmp")
         with open(tmp, "w", encoding="ascii") as f:
@@ -154,7 +152,9 @@ class Spool:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.directory / DRAINED)
-        self.drained, self.oldest = offset, next_oldest
+        self.drained = offset
+        following = next(self.read(offset, 1), None)
+        self.oldest = following[0].received_at if following else None
         if self.drained == self.size:  # all in the log: start the file afresh
             # "drained" goes first: a crash in between then drains the file again, and the
             # writer finds every entry already in the log.
@@ -183,4 +183,6 @@ class Spool:
         """Delete a spool whose entries are all in the log (an abandoned one, once handled; or
         this process's own at a clean end)."""
         shutil.rmtree(self.directory, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.directory.parent.rmdir()  # the root too, when no other spool is left in it
         self.close()

@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from sqlalchemy import Engine, func, select
 
 from .. import log
-from ..db import StoreError, probe_writable, write_transaction
+from ..db import StoreError, collections_postponed, probe_writable, write_transaction
 from ..notifications import NOTIFICATION, SESSION, Notification, classify, classify_record, load_json, utc_text
 from ..schema import event_log
 from .spool import Entry, Spool
@@ -63,12 +63,16 @@ class WriterStatus:
     spooling: bool = False
 
 
+def _batch(entry: Entry) -> log.Batch:
+    return log.Batch(notifications_of(entry), entry.source, entry.received_at)
+
+
 def notifications_of(entry: Entry) -> list[Notification]:
     """The log rows of an entry, classified by the same rules as every input."""
     if entry.kind != NOTIFICATION:
         return [replace(classify_record(entry.kind, text), session=entry.session) for text in entry.texts]
     messages = entry.messages or [load_json(text) for text in entry.texts]
-    return [replace(classify(text, message), session=entry.session) for text, message in zip(entry.texts, messages)]
+    return [classify(text, message, session=entry.session) for text, message in zip(entry.texts, messages, strict=True)]
 
 
 class DurableLog:
@@ -92,6 +96,7 @@ class DurableLog:
         self._tasks: list[asyncio.Task] = []
         self._drainer: asyncio.Task | None = None
         self._inflight: set[asyncio.Future] = set()  # commits that outlived spool_after
+        self._committing = 0
         self._closing = False
 
     # -- what sessions call ------------------------------------------------------------------
@@ -195,6 +200,8 @@ class DurableLog:
     async def _commit(self, wave) -> bool:
         """Commit ``wave`` in one transaction; False when it failed or did not finish in time."""
         task = asyncio.get_running_loop().run_in_executor(self._db, self._write, [entry for entry, _ in wave])
+        self._committing += 1  # no probe meanwhile: it would wait for this very commit's lock
+        task.add_done_callback(lambda _: setattr(self, "_committing", self._committing - 1))
         done, _ = await asyncio.wait({task}, timeout=self.spool_after)
         if not done:
             self._unwritable(f"a commit took longer than {self.spool_after:g} s")
@@ -218,9 +225,8 @@ class DurableLog:
             self.on_appended(entry, result)
 
     def _write(self, entries: list[Entry]) -> list[log.AppendResult]:
-        with write_transaction(self.engine) as conn:
-            results = [log.append(conn, notifications_of(e), source=e.source, received_at=e.received_at,
-                                  context=self.context) for e in entries]
+        with collections_postponed(), write_transaction(self.engine) as conn:
+            results = log.append_batches(conn, [_batch(e) for e in entries], self.context)
         self.transactions += 1
         last = [r.last_seq for r in results if r.last_seq is not None]
         if last:
@@ -239,7 +245,7 @@ class DurableLog:
                 await asyncio.wait(set(self._inflight))  # their entries are spooled too: see _commit
                 continue
             try:
-                batch = await self._run(self._io, lambda: list(spool.read(spool.drained, DRAIN_ENTRIES + 1)))
+                batch = await self._run(self._io, lambda s=spool: list(s.read(s.drained, DRAIN_ENTRIES)))
                 if not batch:
                     if spool is not self.spool:
                         await self._run(self._db, self._close_abandoned, spool)
@@ -252,8 +258,7 @@ class DurableLog:
                             logger.info("the spool is drained: writing to the log directly again")
                             return
                     continue
-                chunk, following = batch[:DRAIN_ENTRIES], batch[DRAIN_ENTRIES:]
-                appended = await self._run(self._db, self._drain_write, [entry for entry, _ in chunk])
+                appended = await self._run(self._db, self._drain_write, [entry for entry, _ in batch])
             except Exception as exc:  # noqa: BLE001 - whatever it is, the spool keeps the entries: retry
                 if not isinstance(exc, (StoreError, OSError)):
                     logger.exception("draining the spool failed")
@@ -266,23 +271,19 @@ class DurableLog:
                 self._appended(entry, result)
             delay = 0.1
             async with self._spool_lock:
-                await self._run(self._io, spool.mark_drained, chunk[-1][1],
-                                following[0][0].received_at if following else None)
+                await self._run(self._io, spool.mark_drained, batch[-1][1])
 
     def _drain_write(self, entries: list[Entry]) -> list[tuple[Entry, log.AppendResult]]:
-        appended = []
-        with write_transaction(self.engine) as conn:
+        with collections_postponed(), write_transaction(self.engine) as conn:
             c = event_log.c
             present: set[tuple[str, dt.datetime]] = set()
             for session in {e.session for e in entries}:
                 times = [e.received_at for e in entries if e.session == session]
                 present.update((s, at) for s, at in conn.execute(select(c.session, c.received_at).where(
                     c.session == session, c.received_at >= min(times), c.received_at <= max(times))))
-            for e in entries:
-                if (e.session, e.received_at) not in present:  # else a slow commit made it after all
-                    result = log.append(conn, notifications_of(e), source=e.source, received_at=e.received_at,
-                                        context=self.context)
-                    appended.append((e, result))
+            missing = [e for e in entries if (e.session, e.received_at) not in present]  # else a slow commit
+            appended = list(zip(missing, log.append_batches(conn, [_batch(e) for e in missing], self.context),
+                                strict=True))                                             # stored them after all
         self.transactions += 1
         self.status.head_seq = max(self.status.head_seq, *(r.last_seq or 0 for _, r in appended), 0)
         return appended
@@ -301,8 +302,7 @@ class DurableLog:
                           "cause": "the ingest process ended without closing the session (killed or crashed)",
                           "since": utc_text(since), "detected_at": utc_text(dt.datetime.now(dt.timezone.utc))}
                 entry = Entry(SESSION, last.source, session, since + log.MICROSECOND, [json.dumps(marker)])
-                log.append(conn, notifications_of(entry), source=entry.source, received_at=entry.received_at,
-                           context=self.context)
+                log.append_batches(conn, [_batch(entry)], self.context)
                 logger.warning("session %s of %s was never ended by its process: recorded as lost since %s",
                                session, last.source, utc_text(since))
         spool.remove()
@@ -325,7 +325,7 @@ class DurableLog:
         """When nothing was committed for a while, check that a write could be."""
         while True:
             await asyncio.sleep(self.probe_interval)
-            if self._spooling or self._waiting:
+            if self._spooling or self._waiting or self._committing:
                 continue  # the drain or the writer tells
             if self.status.last_commit_at is not None and time.time() - self.status.last_commit_at < self.probe_interval:
                 continue
