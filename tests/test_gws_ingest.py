@@ -639,58 +639,67 @@ async def sqlite_locked(path: Path, seconds: float):
         await asyncio.to_thread(holder.wait, seconds + 30)
 
 
-def test_a_locked_sqlite_store_costs_no_session_and_nothing(node_modules, tmp_path):
-    """Another writer holds the SQLite store for 30 s while 20 sessions receive; the server drops a
-    session that sends no connect for 5 s (maxInterval): batches are spooled and acknowledged, no
-    session is lost, and everything reaches the log in order once the lock is gone."""
-    server = NodeServer(node_modules, tmp_path / "server.log", max_interval=5000).start()
+async def through_an_outage(server: NodeServer, engine, trouble, **options) -> dict:
+    """20 sessions receive a stream of notifications while ``trouble()`` (an async context
+    manager) makes the database unwritable for a while; what the checks of ``check_outage``
+    need."""
     names = users(20)
     configs = [SessionConfig(server.base, u, PASSWORD.format(i)) for i, u in enumerate(names)]
+    ingestor = Ingestor(engine, configs, metrics_port=0, **FAST, **options)
+    task = asyncio.create_task(ingestor.run())
+    async with aiohttp.ClientSession() as http:
+        control = Control(server, http)
+        await subscribed(control, names)
+        base = f"http://127.0.0.1:{ingestor.metrics_port}"
+        await wait_health(base, 200, "healthy")
+        stream = Stream(control, names, rate=100)
+        publisher = asyncio.create_task(stream.run())
+        await wait_rows(engine, 50)
+        async with trouble():
+            broken_at = time.monotonic()
+            unhealthy = await wait_health(base, 503, "503 while the database cannot be written", deadline=5)
+            seen_within = time.monotonic() - broken_at
+            await asyncio.sleep(20)
+            during = ingestor.health()
+        await wait_health(base, 200, "200 once the database is back", deadline=60)
+        stream.stop.set()
+        await publisher
+        await quiet(engine)
+        ingestor.stop()
+        errors = await task
+    with engine.connect() as conn:
+        report = verify(conn)
+    return {"errors": errors, "rows": log_rows(engine), "report": report, "ingestor": ingestor, "stream": stream,
+            "unhealthy": unhealthy, "seen_within": seen_within, "during": during}
+
+
+def check_outage(outcome: dict, at_least: int) -> None:
+    """No session was lost, everything delivered is stored, in order, and health told the truth."""
+    assert outcome["errors"] == [] and outcome["report"].ok
+    assert outcome["seen_within"] < 5
+    assert [u["component"] for u in outcome["unhealthy"]["unhealthy"]] == ["log"]
+    during = outcome["during"]
+    assert during["log"]["spooling"] and during["spool"]["bytes"] > 0 and during["spool"]["oldest_age_seconds"] > 15
+    assert all(s.client.handshakes == 1 for s in outcome["ingestor"].sessions)  # no session was lost
+    found = data_by_source(outcome["rows"])
+    for user, items in outcome["stream"].published.items():  # everything delivered, in order
+        assert found.get(user, []) == [d for d, got in items if got], user
+    assert sum(len(v) for v in found.values()) > at_least
+
+
+def test_a_locked_sqlite_store_costs_no_session_and_nothing(node_modules, tmp_path):
+    """Another writer holds the SQLite store for 30 s; the server drops a session that sends no
+    connect for 5 s (maxInterval): batches are spooled and acknowledged, no session is lost,
+    and everything reaches the log in order once the lock is gone."""
+    server = NodeServer(node_modules, tmp_path / "server.log", max_interval=5000).start()
     path = tmp_path / "store.db"
-
-    async def main():
-        engine = open_store(f"sqlite:///{path}")
-        ingestor = Ingestor(engine, configs, metrics_port=0, spool_after=1.0, **FAST)
-        task = asyncio.create_task(ingestor.run())
-        base = ""
-        async with aiohttp.ClientSession() as http:
-            control = Control(server, http)
-            await subscribed(control, names)
-            base = f"http://127.0.0.1:{ingestor.metrics_port}"
-            await wait_health(base, 200, "healthy")
-            stream = Stream(control, names, rate=100)
-            publisher = asyncio.create_task(stream.run())
-            await wait_rows(engine, 50)
-            async with sqlite_locked(path, 30):
-                locked_at = time.monotonic()
-                unhealthy = await wait_health(base, 503, "503 while the store is locked", deadline=5)
-                seen_within = time.monotonic() - locked_at
-                await asyncio.sleep(5)
-                during = ingestor.health()
-            await wait_health(base, 200, "200 once the lock is gone", deadline=30)
-            stream.stop.set()
-            await publisher
-            await quiet(engine)
-            ingestor.stop()
-            errors = await task
-        rows = log_rows(engine)
-        with engine.connect() as conn:
-            report = verify(conn)
-        engine.dispose()
-        return errors, rows, report, ingestor, stream, unhealthy, seen_within, during
-
+    engine = open_store(f"sqlite:///{path}")
     try:
-        errors, rows, report, ingestor, stream, unhealthy, seen_within, during = run(main(), 180)
+        outcome = run(through_an_outage(server, engine, lambda: sqlite_locked(path, 30), spool_after=1.0), 180)
     finally:
         server.stop()
-    assert errors == [] and report.ok
-    assert seen_within < 5 and any(u["component"] == "log" for u in unhealthy["unhealthy"])
-    assert during["log"]["spooling"] and during["spool"]["bytes"] > 0
-    assert all(s.client.handshakes == 1 for s in ingestor.sessions)  # no session was lost
-    found = data_by_source(rows)
-    for user, items in stream.published.items():  # everything delivered is stored, in order
-        assert found.get(user, []) == [d for d, got in items if got], user
-    assert sum(len(v) for v in found.values()) > 3000
+        engine.dispose()
+    check_outage(outcome, 3000)
 
 
 @pytest.mark.postgres
@@ -700,55 +709,24 @@ def test_postgresql_down_for_60_s_costs_no_session_and_nothing(node_modules, tmp
     reaches the log in order once it is back."""
     from pg_instance import PrivatePostgres
 
+    @contextlib.asynccontextmanager
+    async def down_for_60_s():
+        await asyncio.to_thread(pg.stop)
+        stopped_at = time.monotonic()
+        yield
+        await asyncio.sleep(60 - (time.monotonic() - stopped_at))
+        await asyncio.to_thread(pg.start)
+
     server = NodeServer(node_modules, tmp_path / "server.log").start()
-    names = users(20)
-    configs = [SessionConfig(server.base, u, PASSWORD.format(i)) for i, u in enumerate(names)]
-
-    async def main(pg):
-        engine = open_store(pg.create_database("outage"))
-        ingestor = Ingestor(engine, configs, metrics_port=0, spool_dir=tmp_path / "spool", **FAST)
-        task = asyncio.create_task(ingestor.run())
-        async with aiohttp.ClientSession() as http:
-            control = Control(server, http)
-            await subscribed(control, names)
-            base = f"http://127.0.0.1:{ingestor.metrics_port}"
-            await wait_health(base, 200, "healthy")
-            stream = Stream(control, names, rate=100)
-            publisher = asyncio.create_task(stream.run())
-            await wait_rows(engine, 50)
-            await asyncio.to_thread(pg.stop)
-            stopped_at = time.monotonic()
-            unhealthy = await wait_health(base, 503, "503 while the database is down", deadline=5)
-            seen_within = time.monotonic() - stopped_at
-            await asyncio.sleep(60 - (time.monotonic() - stopped_at))
-            during = ingestor.health()
-            await asyncio.to_thread(pg.start)
-            await wait_health(base, 200, "200 once the database is back", deadline=60)
-            stream.stop.set()
-            await publisher
-            await quiet(engine)
-            ingestor.stop()
-            errors = await task
-        rows = log_rows(engine)
-        with engine.connect() as conn:
-            report = verify(conn)
-        engine.dispose()
-        return errors, rows, report, ingestor, stream, unhealthy, seen_within, during
-
     try:
         with PrivatePostgres() as pg:
             pg.start()
-            errors, rows, report, ingestor, stream, unhealthy, seen_within, during = run(main(pg), 240)
+            engine = open_store(pg.create_database("outage"))
+            outcome = run(through_an_outage(server, engine, down_for_60_s, spool_dir=tmp_path / "spool"), 240)
+            engine.dispose()
     finally:
         server.stop()
-    assert errors == [] and report.ok
-    assert seen_within < 5 and any(u["component"] == "log" for u in unhealthy["unhealthy"])
-    assert during["log"]["spooling"] and during["spool"]["bytes"] > 0 and during["spool"]["oldest_age_seconds"] > 30
-    assert all(s.client.handshakes == 1 for s in ingestor.sessions)
-    found = data_by_source(rows)
-    for user, items in stream.published.items():
-        assert found.get(user, []) == [d for d, got in items if got], user
-    assert sum(len(v) for v in found.values()) > 6000
+    check_outage(outcome, 6000)
 
 
 # -- health that tells the truth ------------------------------------------------------------------------

@@ -260,8 +260,8 @@ class DurableLog:
                     continue
                 appended = await self._run(self._db, self._drain_write, [entry for entry, _ in batch])
             except Exception as exc:  # noqa: BLE001 - whatever it is, the spool keeps the entries: retry
-                if not isinstance(exc, (StoreError, OSError)):
-                    logger.exception("draining the spool failed")
+                if not isinstance(exc, (StoreError, OSError)) and _describe(exc) != self.status.error:
+                    logger.exception("draining the spool failed")  # a bug: once, with its traceback
                 self._unwritable(_describe(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
