@@ -79,13 +79,17 @@ class Workitems(Projection):
             self._track(self.state[row.workitem_id])
 
     def _track(self, row: dict) -> None:
-        wid, source = row["workitem_id"], row["source"]
-        old = self._holder.pop(wid, None)
+        wid = row["workitem_id"]
+        new = row["source"] if is_open(row["state"]) else None
+        old = self._holder.get(wid)
+        if new == old:
+            return  # the usual case: nothing moved
         if old is not None:
+            del self._holder[wid]
             self.held[old].discard(wid)
-        if source is not None and is_open(row["state"]):
-            self._holder[wid] = source
-            self.held.setdefault(source, set()).add(wid)
+        if new is not None:
+            self._holder[wid] = new
+            self.held.setdefault(new, set()).add(wid)
 
     def _row(self, event, wid: str) -> dict:
         row = self.state.get(wid)
