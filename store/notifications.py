@@ -246,8 +246,7 @@ def _envelope(line: str, envelope: dict, payload: str | None) -> Notification:
         # "line" string exactly, never parsed as an input line of its own.
         if not isinstance(envelope.get("line"), str):
             return unreadable(line, f"envelope of kind {kind} has no line string", received_at, source)
-        return replace(classify_record(kind, envelope["line"]), received_at=received_at, source=source,
-                       session=session)
+        return replace(classify_record(kind, envelope["line"], session), received_at=received_at, source=source)
     if payload is not None:
         return classify(payload, envelope["message"], received_at, source, session)
     if not isinstance(envelope["line"], str):
@@ -271,13 +270,13 @@ def reclassify(payload: str, quarantine_reason: str | None, kind: str = NOTIFICA
     return classify(payload, load_json(payload))
 
 
-def classify_record(kind: str, payload: str) -> Notification:
+def classify_record(kind: str, payload: str, session: str | None = None) -> Notification:
     """A session marker or a snapshot (``kind``), from its payload text; quarantined when the
     payload is not what that kind must be (a snapshot row then heals nothing)."""
     try:
         value = load_json(payload)
     except ValueError as exc:
-        return replace(unreadable(payload, f"{kind} is not JSON: {exc}"), kind=kind)
+        return replace(unreadable(payload, f"{kind} is not JSON: {exc}"), kind=kind, session=session)
     if kind == SESSION:
         reason = None if isinstance(value, dict) and value.get("event") in SESSION_EVENTS else \
             f"session marker without an event of {', '.join(SESSION_EVENTS)}"
@@ -289,7 +288,7 @@ def classify_record(kind: str, payload: str) -> Notification:
         reason = UNSTORABLE
     else:
         reason = None
-    return replace(unreadable(payload, reason), kind=kind)
+    return replace(unreadable(payload, reason), kind=kind, session=session)
 
 
 def snapshot_workitems(data: dict) -> dict[str, dict]:

@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from sqlalchemy import Engine, func, select
 
@@ -60,7 +60,6 @@ class WriterStatus:
     error: str | None = None
     last_commit_at: float | None = None
     head_seq: int = 0
-    spooling: bool = False
 
 
 def _batch(entry: Entry) -> log.Batch:
@@ -70,7 +69,7 @@ def _batch(entry: Entry) -> log.Batch:
 def notifications_of(entry: Entry) -> list[Notification]:
     """The log rows of an entry, classified by the same rules as every input."""
     if entry.kind != NOTIFICATION:
-        return [replace(classify_record(entry.kind, text), session=entry.session) for text in entry.texts]
+        return [classify_record(entry.kind, text, entry.session) for text in entry.texts]
     messages = entry.messages or [load_json(text) for text in entry.texts]
     return [classify(text, message, session=entry.session) for text, message in zip(entry.texts, messages, strict=True)]
 
@@ -111,11 +110,11 @@ class DurableLog:
     async def append(self, entry: Entry) -> log.AppendResult | None:
         """Make ``entry`` durable; the AppendResult when it went to the log directly, None when
         it went to the spool."""
-        if entry.kind != SESSION and self.spool.pending_bytes + sum(map(len, entry.texts)) > self.spool_max:
-            # Session markers are small and must not be lost: only they pass a full spool.
-            if self._spooling:
-                raise SpoolFull(f"the spool {self.spool.directory} holds {self.spool.pending_bytes} bytes "
-                                f"(--spool-max {self.spool_max}); not acknowledging until it drains")
+        # Session markers are small and must not be lost: only they pass a full spool.
+        if (self._spooling and entry.kind != SESSION
+                and self.spool.pending_bytes + sum(map(len, entry.texts)) > self.spool_max):
+            raise SpoolFull(f"the spool {self.spool.directory} holds {self.spool.pending_bytes} bytes "
+                            f"(--spool-max {self.spool_max}); not acknowledging until it drains")
         if self._closing:
             raise StoreError("the log writer is closed")
         self.start()
