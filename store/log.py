@@ -6,6 +6,7 @@ The only writer of ``event_log``.  Rows are never updated or deleted (triggers r
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -218,6 +219,7 @@ def append_batches(conn: Connection, batches: Sequence[Batch],
     first_copy = _first_copies(conn, keys) if keys else {}
     unkeyed = {d for (n, _), d in zip(items, digests, strict=True) if n.message_id is None and n.kind == NOTIFICATION}
     copies = _copies_by_payload(conn, unkeyed) if unkeyed else {}
+    start = functools.partial(session_start, conn, context=context)
     rows: list[dict[str, Any]] = []
     results = []
     position = 0
@@ -245,7 +247,7 @@ def append_batches(conn: Connection, batches: Sequence[Batch],
             else:
                 same = copies.setdefault((row_source, digest), [])
                 if same:
-                    duplicate_of = _duplicate_without_id(n, at, same, lambda s: session_start(conn, s, context))
+                    duplicate_of = _duplicate_without_id(n, at, same, start)
                 same.append(_Copy(seq, n.session, at, duplicate_of))
             if duplicate_of is not None:
                 duplicates += 1

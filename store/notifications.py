@@ -357,6 +357,11 @@ def utc_text(at: dt.datetime) -> str:
     return at.isoformat(timespec="microseconds")[:26] + "Z"  # [:26] drops "+00:00"
 
 
+def epoch_text(seconds: float) -> str:
+    """``utc_text`` of a POSIX time (epoch seconds)."""
+    return utc_text(dt.datetime.fromtimestamp(seconds, dt.timezone.utc))
+
+
 def envelope_line(received_at: dt.datetime, source: str, payload: str, session: str | None = None) -> str:
     """The envelope line ``export`` writes: the message's own text embedded unchanged."""
     at = f'{{"received_at": "{utc_text(received_at)}", "source": {json.dumps(source)}, '

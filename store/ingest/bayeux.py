@@ -182,6 +182,12 @@ def basic_authorization(auth: aiohttp.BasicAuth | tuple[str, str] | None) -> str
     return auth.encode()
 
 
+def request_options(context: ssl.SSLContext | None, proxy: str | None) -> dict[str, Any]:
+    """The keyword arguments of an aiohttp request for these TLS settings and proxy (no
+    ``ssl`` at all when there are none: aiohttp's default verification then applies)."""
+    return {"proxy": proxy} if context is None else {"proxy": proxy, "ssl": context}
+
+
 def _is_402(reply: dict) -> bool:
     # Servers word it differently ("402::Unknown client", "402::session_unknown"): the code decides.
     return str(reply.get("error") or "").startswith("402")
@@ -223,9 +229,7 @@ class BayeuxClient:
         self._session, self._owns_session = session, session is None
         self._authorization = basic_authorization(auth)
         self._headers, self._on_http_error = headers, on_http_error
-        self._request_options: dict[str, Any] = {"proxy": proxy}
-        if ssl is not None:
-            self._request_options["ssl"] = ssl
+        self._request_options = request_options(ssl, proxy)
         self.ack, self.backoff_base, self.backoff_cap = ack, backoff_base, backoff_cap
         self.max_failures, self.network_delay, self._rng = max_failures, network_delay, rng
         self.advice = Advice()
@@ -291,7 +295,6 @@ class BayeuxClient:
             while not self._stopping.is_set():
                 try:
                     if need_handshake:
-                        await self._lose("a new session replaces it")
                         await self._handshake()
                         await self._subscribe()
                         need_handshake = False

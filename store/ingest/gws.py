@@ -37,8 +37,8 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from ..notifications import NOTIFICATION, SESSION, SNAPSHOT, decode_text, utc_text
-from .bayeux import BayeuxClient, SessionEvent, basic_authorization, tls_problem
+from ..notifications import NOTIFICATION, SESSION, SNAPSHOT, decode_text, epoch_text
+from .bayeux import BayeuxClient, SessionEvent, basic_authorization, request_options, tls_problem
 from .config import SessionConfig
 from .spool import Entry
 from .writer import DurableLog
@@ -90,9 +90,7 @@ class GwsSession:
         self._stopped = False
         self._csrf: dict[str, str] = {}
         self._ssl = config.ssl_context()
-        self._request_options: dict[str, Any] = {"proxy": config.proxy}
-        if self._ssl is not None:
-            self._request_options["ssl"] = self._ssl
+        self._request_options = request_options(self._ssl, config.proxy)
         # A cookie jar per GWS session (JSESSIONID, BAYEUX_BROWSER), accepting cookies from IP
         # hosts; trust_env: HTTPS_PROXY, HTTP_PROXY and NO_PROXY apply unless proxy is given.
         # Made here, so construct sessions inside the event loop; closed by run()/stop().
@@ -149,7 +147,7 @@ class GwsSession:
 
     async def _on_event(self, event: SessionEvent) -> None:
         times = {"handshake_at": event.handshake_at, "since": event.since}
-        times = {k: utc_text(_epoch(v)) for k, v in times.items() if v}
+        times = {k: epoch_text(v) for k, v in times.items() if v}
         common = {"client_id": event.client_id, "ack": event.ack, "cause": event.cause, **times}
         if event.kind == "started":
             self._sessions += 1
@@ -164,21 +162,17 @@ class GwsSession:
             await self._snapshot()
         elif event.kind == "lost":
             # The marker stands where following ended: the last moment the session was known alive.
-            await self._mark("lost", event.since or event.at, detected_at=utc_text(_epoch(event.at)), **common)
+            await self._mark("lost", event.since or event.at, detected_at=epoch_text(event.at), **common)
         elif event.kind == "ended":
             await self._mark("ended", event.at, **common)
 
     async def _snapshot(self) -> None:
         """Read the agent's current workitems and store the response as it is (or a
         ``snapshot-failed`` marker): the projections reconcile the store with it."""
-        url = URL(self.config.url(WORKITEMS_PATH), encoded=True)
         at = time.time()
         failure: dict[str, Any] | None = None
         try:
-            async with self._http.get(url, headers={"Authorization": self._authorization},
-                                      timeout=aiohttp.ClientTimeout(total=self.snapshot_timeout),
-                                      **self._request_options) as response:
-                status, body = response.status, await response.read()
+            status, _, body = await self._get(WORKITEMS_PATH, self.snapshot_timeout)
         except aiohttp.ClientSSLError as exc:
             failure = {"error": tls_problem(exc)}
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -217,23 +211,26 @@ class GwsSession:
 
     async def _fetch_csrf(self) -> None:
         try:
-            async with self._http.get(self.config.url(ME_PATH), headers={"Authorization": self._authorization},
-                                      timeout=aiohttp.ClientTimeout(total=self.client.network_delay),
-                                      **self._request_options) as response:
-                await response.read()
-                header, token = response.headers.get("X-CSRF-HEADER"), response.headers.get("X-CSRF-TOKEN")
-                status = response.status
+            status, headers, _ = await self._get(ME_PATH, self.client.network_delay)
         except aiohttp.ClientSSLError:
             return  # the Bayeux client meets the same error and stops, saying why
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             logger.warning("GWS %s (%s): GET %s failed: %s", self.source, self.config.user, ME_PATH, exc)
             return
         self.stats.csrf_fetches += 1
+        header, token = headers.get("X-CSRF-HEADER"), headers.get("X-CSRF-TOKEN")
         if status == 200 and header and token:
             self._csrf = {header: token}
             logger.info("GWS %s: CSRF token received (header %s)", self.source, header)
         elif status not in (200, 404):  # 404: a server without /api/v2/me (no CSRF either)
             logger.warning("GWS %s: GET %s answered HTTP %d", self.source, ME_PATH, status)
+
+    async def _get(self, path: str, timeout: float):
+        """GET a GWS resource as this user: (status, headers, body); aiohttp's errors raise."""
+        async with self._http.get(URL(self.config.url(path), encoded=True),  # keeps "fields=*" as it is
+                                  headers={"Authorization": self._authorization},
+                                  timeout=aiohttp.ClientTimeout(total=timeout), **self._request_options) as response:
+            return response.status, response.headers, await response.read()
 
     async def _on_http_error(self, status: int, body: str) -> bool:
         if status == 403 and CSRF_REFUSED in body.lower():
@@ -252,7 +249,7 @@ class GwsSession:
         state = ("failed" if c.error is not None else "stopped" if self._stopped
                  else "connected" if c.connected else "connecting")
         return {"user": self.config.user, "source": self.source, "url": c.where, "session": self.session_id,
-                "state": state, "since": utc_text(_epoch(c.connected_since)),
+                "state": state, "since": epoch_text(c.connected_since),
                 "connected": c.connected, "ack": c.ack_enabled,
                 "error": None if c.error is None else str(c.error),
                 "handshakes": c.handshakes, "reconnects": c.reconnects, "failures": c.failures,

@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from ..notifications import utc_text
+from ..notifications import epoch_text
 from ..projections import runner
 from .config import SessionConfig
 from .gws import GwsSession
@@ -45,8 +45,17 @@ def default_spool_root(engine: Engine) -> Path:
     return Path("workitem-store-spool") / f"{engine.url.database or 'db'}-{digest}"
 
 
-def _since(epoch: float) -> str:
-    return utc_text(dt.datetime.fromtimestamp(epoch, dt.timezone.utc))
+# The per-source counters of /metrics: (metric name after workitem_store_, help, SessionStats field).
+SESSION_COUNTERS = (
+    ("notifications_received_total", "Notifications received from GWS (redeliveries included).", "received"),
+    ("notifications_stored_total", "Notifications made durable (log or spool) and so acknowledged.", "stored"),
+    ("notifications_appended_total", "Notification rows appended to event_log.", "appended"),
+    ("notifications_duplicate_total", "Appended rows marked duplicate.", "duplicates"),
+    ("notifications_quarantined_total", "Appended rows quarantined.", "quarantined"),
+    ("batches_not_durable_total", "Batches refused because the spool was full (not acknowledged).", "not_durable"),
+    ("snapshots_total", "Workitem snapshots stored.", "snapshots"),
+    ("snapshot_failures_total", "Workitem snapshots that could not be read.", "snapshot_failures"),
+)
 
 
 class Ingestor:
@@ -188,10 +197,10 @@ class Ingestor:
                     f"not connected ({s.client.failures} failures)" if s.client.handshakes else "not connected yet")
                 unhealthy.append({"component": f"session {s.source}", "since": summary["since"], "reason": reason})
         if self.writer.spooling and self.spool.pending_bytes >= self.writer.spool_max:
-            unhealthy.append({"component": "spool", "since": _since(status.writable_since),
+            unhealthy.append({"component": "spool", "since": epoch_text(status.writable_since),
                               "reason": "the spool is full: batches are not acknowledged until it drains"})
         if not status.writable:
-            unhealthy.append({"component": "log", "since": _since(status.writable_since),
+            unhealthy.append({"component": "log", "since": epoch_text(status.writable_since),
                               "reason": status.error or "the database cannot be written"})
         oldest = self.writer.spool_oldest()
         return {
@@ -199,7 +208,7 @@ class Ingestor:
             "unhealthy": unhealthy,
             "uptime_seconds": round(now - self.started_at, 3),
             "instance": self.instance,
-            "log": {"writable": status.writable, "since": _since(status.writable_since), "error": status.error,
+            "log": {"writable": status.writable, "since": epoch_text(status.writable_since), "error": status.error,
                     "seconds_since_last_commit": None if status.last_commit_at is None
                     else round(now - status.last_commit_at, 3),
                     "head_seq": status.head_seq, "spooling": self.writer.spooling},
@@ -227,22 +236,12 @@ class Ingestor:
         def per_source(get):
             return [({"source": s.source}, get(s)) for s in self.sessions]
 
+        def single(value):
+            return [] if value is None else [({}, value)]
+
         p = "workitem_store_"
-        family(p + "notifications_received_total", "counter",
-               "Notifications received from GWS (redeliveries included).", per_source(lambda s: s.stats.received))
-        family(p + "notifications_stored_total", "counter",
-               "Notifications made durable (log or spool) and so acknowledged.", per_source(lambda s: s.stats.stored))
-        family(p + "notifications_appended_total", "counter",
-               "Notification rows appended to event_log.", per_source(lambda s: s.stats.appended))
-        family(p + "notifications_duplicate_total", "counter",
-               "Appended rows marked duplicate.", per_source(lambda s: s.stats.duplicates))
-        family(p + "notifications_quarantined_total", "counter",
-               "Appended rows quarantined.", per_source(lambda s: s.stats.quarantined))
-        family(p + "batches_not_durable_total", "counter",
-               "Batches refused because the spool was full (not acknowledged).", per_source(lambda s: s.stats.not_durable))
-        family(p + "snapshots_total", "counter", "Workitem snapshots stored.", per_source(lambda s: s.stats.snapshots))
-        family(p + "snapshot_failures_total", "counter", "Workitem snapshots that could not be read.",
-               per_source(lambda s: s.stats.snapshot_failures))
+        for name, help_text, field in SESSION_COUNTERS:
+            family(p + name, "counter", help_text, per_source(lambda s, f=field: getattr(s.stats, f)))
         family(p + "handshakes_total", "counter", "Bayeux handshakes.", per_source(lambda s: s.client.handshakes))
         family(p + "reconnects_total", "counter",
                "Sessions or connections re-established after a loss.", per_source(lambda s: s.client.reconnects))
@@ -254,17 +253,17 @@ class Ingestor:
         family(p + "last_message_age_seconds", "gauge", "Seconds since the session last received a message.",
                [({"source": s.source}, now - s.client.last_message_at) for s in self.sessions
                 if s.client.last_message_at is not None])
-        log_ = health["log"]
-        family(p + "log_writable", "gauge", "1 while the log can be written.", [({}, int(log_["writable"]))])
+        log_, spool = health["log"], health["spool"]
+        family(p + "log_writable", "gauge", "1 while the log can be written.", single(int(log_["writable"])))
         family(p + "seconds_since_last_commit", "gauge", "Seconds since the last successful commit to the log.",
-               [({}, log_["seconds_since_last_commit"])] if log_["seconds_since_last_commit"] is not None else [])
-        family(p + "log_head_seq", "gauge", "seq of the last event_log row seen.", [({}, log_["head_seq"])])
-        family(p + "spool_bytes", "gauge", "Bytes in the spool not yet in the log.", [({}, health["spool"]["bytes"])])
+               single(log_["seconds_since_last_commit"]))
+        family(p + "log_head_seq", "gauge", "seq of the last event_log row seen.", single(log_["head_seq"]))
+        family(p + "spool_bytes", "gauge", "Bytes in the spool not yet in the log.", single(spool["bytes"]))
         family(p + "spool_oldest_age_seconds", "gauge", "Age of the oldest spooled entry (0: none).",
-               [({}, health["spool"]["oldest_age_seconds"] or 0)])
+               single(spool["oldest_age_seconds"] or 0))
         family(p + "projection_lag_rows", "gauge", "Log head minus the projections' checkpoint.",
-               [({}, health["projection"]["lag_rows"])] if health["projection"]["lag_rows"] is not None else [])
-        family(p + "healthy", "gauge", "1 when /healthz answers 200.", [({}, int(health["status"] == "ok"))])
+               single(health["projection"]["lag_rows"]))
+        family(p + "healthy", "gauge", "1 when /healthz answers 200.", single(int(health["status"] == "ok")))
         return "\n".join(lines) + "\n"
 
     async def _start_metrics(self) -> None:

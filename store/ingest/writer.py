@@ -38,7 +38,9 @@ from sqlalchemy import Engine, func, select
 
 from .. import log
 from ..db import StoreError, collections_postponed, probe_writable, write_transaction
-from ..notifications import NOTIFICATION, SESSION, Notification, classify, classify_record, load_json, utc_text
+from ..notifications import (
+    NOTIFICATION, SESSION, Notification, classify, classify_record, epoch_text, load_json, utc_text,
+)
 from ..schema import event_log
 from .spool import Entry, Spool
 
@@ -311,7 +313,7 @@ class DurableLog:
     def _writable(self) -> None:
         self.status.last_commit_at = time.time()
         if not self.status.writable:
-            logger.warning("the log is writable again (was not since %s)", _local(self.status.writable_since))
+            logger.warning("the log is writable again (was not since %s)", epoch_text(self.status.writable_since))
             self.status.writable, self.status.writable_since, self.status.error = True, time.time(), None
 
     def _unwritable(self, error: str) -> None:
@@ -342,6 +344,3 @@ class DurableLog:
 def _describe(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
-
-def _local(epoch: float) -> str:
-    return utc_text(dt.datetime.fromtimestamp(epoch, dt.timezone.utc))
