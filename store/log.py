@@ -286,7 +286,7 @@ class Event(NamedTuple):
     notification_type: str
     workitem_id: str | None
     reference_id: str | None
-    data: dict
+    data: dict  # None when the payload cannot be read (projections record an error)
     workitem: dict  # data.workitem, or {} when absent or not an object
     reconcile: dict | None = None
 
@@ -322,5 +322,14 @@ def read_events(conn: Connection, after_seq: int, upto_seq: int | None = None,
         rows = conn.execute(query.where(c.seq > after_seq)).all()
         if not rows:
             return
-        yield [event_from_row(r, r[6], r[7]) for r in rows]
+        yield [_event(r) for r in rows]
         after_seq = rows[-1][0]
+
+
+def _event(row) -> Event:
+    """An Event; one whose payload no longer reads as it was classified (a row changed in the
+    database) has ``data`` None, and the projections record it as an error."""
+    try:
+        return event_from_row(row, row[6], row[7])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return Event(*row[:6], None, {})  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ top-level keys (so re-importing an export reproduces the payload byte for byte).
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import math
 import re
@@ -34,6 +35,17 @@ STATUS_CHANGE, PROPERTIES_UPDATED, ERROR = "StatusChange", "PropertiesUpdated", 
 NOTIFICATION_TYPES = (STATUS_CHANGE, PROPERTIES_UPDATED, ERROR)
 # Quarantine reasons whose payload is the whole input line rather than a message.
 LINE_REASONS = ("not JSON", "not a JSON object", "not UTF-8", "envelope")
+# ... and of those, the reasons decided on the raw bytes, which the stored text cannot show again.
+NOT_UTF8, HAS_NUL = "not UTF-8 text", "not JSON: contains NUL characters"
+RAW_REASONS = (NOT_UTF8, HAS_NUL)
+# Limits that keep every accepted row storable and indexable on both engines (docs/RULES.md 1.4).
+MAX_DEPTH = 128  # arrays and objects nested in a payload
+MAX_KEY_BYTES = 512  # UTF-8 bytes of an indexed key (PostgreSQL's btree entries hold ~2,700)
+TOO_DEEP = f"not JSON: nested deeper than {MAX_DEPTH} levels"
+# received_at must be an instant every engine and every session time zone can show (one day
+# inside Python's years 1 to 9999, so that no UTC offset carries it out of range).
+MIN_TIME = dt.datetime(1, 1, 2, tzinfo=dt.timezone.utc)
+MAX_TIME = dt.datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=dt.timezone.utc)
 # The event_log columns read out of a payload (besides the quarantine reason).
 EXTRACTED = ("channel", "message_id", "message_type", "notification_type", "workitem_id", "reference_id")
 
@@ -56,6 +68,23 @@ UNSTORABLE = "not JSON: a string holds \\u0000 or an unpaired surrogate (not sto
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL, or a surrogate left unpaired by a \u escape
 _scanstring = json.decoder.scanstring
 _WS = re.compile(r"[ \t\n\r]*")
+# Everything but brackets: runs of other characters, and strings (closed or not).
+_NOT_BRACKETS = re.compile(r'[^\[\]{}"]+|"[^"\\]*(?:\\.[^"\\]*)*"?')
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
+    """True when arrays and objects nest deeper than ``limit`` in ``text``, found without
+    parsing it (parsers recurse: 100,000 levels would exhaust Python's stack, or PostgreSQL's)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False  # the usual case: too few brackets to reach the limit
+    brackets = _NOT_BRACKETS.sub("", text)
+    return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0) > limit
+
+
+def too_long(key: str | None) -> bool:
+    """True when ``key`` has more than MAX_KEY_BYTES bytes of UTF-8 (too long to index)."""
+    return key is not None and len(key) * 4 > MAX_KEY_BYTES and len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +158,13 @@ def parse_timestamp(value: Any) -> dt.datetime:
     if not isinstance(value, str):
         raise ValueError(f"timestamp must be an ISO-8601 string, got {value!r}")
     parsed = dt.datetime.fromisoformat(value)
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=dt.timezone.utc)
-    return parsed.astimezone(dt.timezone.utc)
+    try:
+        at = parsed.replace(tzinfo=dt.timezone.utc) if parsed.tzinfo is None else parsed.astimezone(dt.timezone.utc)
+    except OverflowError:
+        at = None
+    if at is None or not MIN_TIME <= at <= MAX_TIME:
+        raise ValueError(f"{value} is out of range (UTC {utc_text(MIN_TIME)[:10]} to {utc_text(MAX_TIME)[:10]})")
+    return at
 
 
 def unreadable(payload: str, reason: str | None, received_at=None, source=None) -> Notification:
@@ -162,6 +195,16 @@ def _has_long_number(text: str) -> bool:
     return _NINETEEN_DIGITS in text.encode("utf-8", "surrogatepass").translate(_DIGITS_TO_ZERO)
 
 
+def _strict_loads(text: str) -> Any:
+    """Strict JSON (no NaN, no Infinity, no number out of double range), exact for long integers."""
+    if not _has_long_number(text):
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return _decoder.decode(text)
+
+
 def load_json(text: str) -> Any:
     """Decode stored JSON (a payload): orjson, 3x faster, where it is exact; else json."""
     if not _has_long_number(text):
@@ -174,20 +217,35 @@ def load_json(text: str) -> Any:
 
 def parse_line(line: str) -> Notification:
     """Classify one input line (without its line terminator)."""
+    return _parse(line, envelopes=True)
+
+
+def parse_message(text: str, session: str | None = None) -> Notification:
+    """Classify the text of one message a live session received, by the rules of an input line
+    that is a message (never an envelope): file and live input share one classification."""
+    if "\x00" in text:  # raw NUL: not JSON, and not storable as PostgreSQL text (as decode_text)
+        return replace(unreadable(text.replace("\x00", "\\x00"), HAS_NUL), session=session)
+    return replace(_parse(text, envelopes=False), session=session)
+
+
+def _parse(line: str, envelopes: bool) -> Notification:
+    # An envelope's message is one level deeper in its line than on its own.
+    if too_deep(line, MAX_DEPTH + envelopes):
+        return unreadable(line, TOO_DEEP)
     if _has_long_number(line):
-        return _parse_line_exactly(line)
+        return _parse_line_exactly(line, envelopes)
     try:
         parsed = orjson.loads(line)
     except orjson.JSONDecodeError:
-        return _parse_line_exactly(line)  # the exact path words the error, or accepts what orjson refuses
+        return _parse_line_exactly(line, envelopes)  # the exact path words the error, or accepts what orjson refuses
     if not isinstance(parsed, dict):
         return unreadable(line, "not a JSON object")
     if "\\u" in line and not _storable(parsed):
         return unreadable(line, UNSTORABLE)
-    if "received_at" in parsed and ("message" in parsed or "line" in parsed):
+    if envelopes and "received_at" in parsed and ("message" in parsed or "line" in parsed):
         payload = _last_value_text(line, "message", parsed.get("message"))
         if payload is None:
-            return _parse_line_exactly(line)
+            return _parse_line_exactly(line, envelopes)
         return _envelope(line, parsed, payload)
     return classify(line, parsed)
 
@@ -210,7 +268,7 @@ def _last_value_text(line: str, key: str, value: Any) -> str | None:
         return None
 
 
-def _parse_line_exactly(line: str) -> Notification:
+def _parse_line_exactly(line: str, envelopes: bool) -> Notification:
     """The general path: scan the top-level object with the standard library's decoder."""
     try:
         spans = _object_spans(line)
@@ -221,7 +279,7 @@ def _parse_line_exactly(line: str) -> Notification:
     values = {key: value for key, (value, _, _) in spans.items()}
     if ("\\u" in line or "\x00" in line) and not _storable(values):
         return unreadable(line, UNSTORABLE)
-    if "received_at" in values and ("message" in values or "line" in values):
+    if envelopes and "received_at" in values and ("message" in values or "line" in values):
         payload = line[spans["message"][1] : spans["message"][2]] if "message" in spans else None
         return _envelope(line, values, payload)
     return classify(line, values)
@@ -236,11 +294,14 @@ def _envelope(line: str, envelope: dict, payload: str | None) -> Notification:
     source = envelope.get("source")
     if not isinstance(source, str) or not source:
         return unreadable(line, "envelope source is not a non-empty string", received_at)
+    if too_long(source):
+        return unreadable(line, f"envelope source is longer than {MAX_KEY_BYTES} bytes (not indexable)", received_at)
     kind, session = envelope.get("kind", NOTIFICATION), envelope.get("session")
     if kind not in KINDS:
         return unreadable(line, f"envelope kind is not one of {', '.join(KINDS)}", received_at, source)
-    if session is not None and (not isinstance(session, str) or not session):
-        return unreadable(line, "envelope session is not a non-empty string", received_at, source)
+    if session is not None and (not isinstance(session, str) or not session or too_long(session)):
+        return unreadable(line, f"envelope session is not a non-empty string of at most {MAX_KEY_BYTES} bytes",
+                          received_at, source)
     if kind != NOTIFICATION:
         # A session marker or snapshot (what export writes for those rows): its payload is the
         # "line" string exactly, never parsed as an input line of its own.
@@ -254,8 +315,9 @@ def _envelope(line: str, envelope: dict, payload: str | None) -> Notification:
     # An exported row whose payload was a whole input line (not JSON, or a broken envelope).
     inner = parse_line(envelope["line"])
     reason = envelope.get("quarantine_reason")
-    if isinstance(reason, str) and reason and reason != inner.quarantine_reason:
-        # A reason decided on the raw bytes (not UTF-8, NUL), which the text cannot show again.
+    if isinstance(reason, str) and reason.startswith(RAW_REASONS) and reason != inner.quarantine_reason:
+        # A reason decided on the raw bytes (not UTF-8, NUL), which the text cannot show again;
+        # any other carried reason is ignored: the line is classified by what it holds.
         inner = unreadable(envelope["line"], reason)
     return replace(inner, received_at=inner.received_at or received_at, source=inner.source or source,
                    session=inner.session or session)
@@ -265,6 +327,8 @@ def reclassify(payload: str, quarantine_reason: str | None, kind: str = NOTIFICA
     """Classify a stored payload again, as it was classified when appended (for ``verify``)."""
     if kind != NOTIFICATION:
         return classify_record(kind, payload)
+    if (quarantine_reason or "").startswith(RAW_REASONS):
+        return unreadable(payload, quarantine_reason)
     if (quarantine_reason or "").startswith(LINE_REASONS):
         return parse_line(payload)
     return classify(payload, load_json(payload))
@@ -274,18 +338,20 @@ def classify_record(kind: str, payload: str, session: str | None = None) -> Noti
     """A session marker or a snapshot (``kind``), from its payload text; quarantined when the
     payload is not what that kind must be (a snapshot row then heals nothing)."""
     try:
-        value = load_json(payload)
+        if too_deep(payload):
+            raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+        value = _strict_loads(payload)
     except ValueError as exc:
         return replace(unreadable(payload, f"{kind} is not JSON: {exc}"), kind=kind, session=session)
-    if kind == SESSION:
+    if not _storable(value):
+        reason = UNSTORABLE
+    elif kind == SESSION:
         reason = None if isinstance(value, dict) and value.get("event") in SESSION_EVENTS else \
             f"session marker without an event of {', '.join(SESSION_EVENTS)}"
     elif not isinstance(value, dict) or not isinstance(value.get("workitems"), list):
         reason = "snapshot without a workitems list"
     elif value.get("statusCode", 0) != 0:
         reason = f"snapshot statusCode is {as_text(value.get('statusCode'))}"
-    elif not _storable(value):
-        reason = UNSTORABLE
     else:
         reason = None
     return replace(unreadable(payload, reason), kind=kind, session=session)
@@ -293,10 +359,10 @@ def classify_record(kind: str, payload: str, session: str | None = None) -> Noti
 
 def snapshot_workitems(data: dict) -> dict[str, dict]:
     """The workitem resources a (valid) snapshot lists, by id as text; entries that are not
-    objects with an id are left out."""
+    objects with an id, or whose id is too long to index, are left out."""
     listed = {}
     for resource in data.get("workitems", []):
-        if isinstance(resource, dict) and (wid := as_text(resource.get("id"))) is not None:
+        if isinstance(resource, dict) and (wid := as_text(resource.get("id"))) is not None and not too_long(wid):
             listed[wid] = resource
     return listed
 
@@ -309,9 +375,9 @@ def decode_text(raw: bytes) -> tuple[str, str | None]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         text = raw.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
-        return text, f"not UTF-8 text: {exc.reason} at byte {exc.start}"
+        return text, f"{NOT_UTF8}: {exc.reason} at byte {exc.start}"
     if "\x00" in text:
-        return text.replace("\x00", "\\x00"), "not JSON: contains NUL characters"
+        return text.replace("\x00", "\\x00"), HAS_NUL
     return text, None
 
 
@@ -319,9 +385,13 @@ def classify(payload: str, message: Any, received_at=None, source=None, session=
     """Apply the quarantine rules to a parsed message (see docs/RULES.md)."""
     if not isinstance(message, dict):
         return replace(unreadable(payload, "message is not a JSON object", received_at, source), session=session)
+    if too_deep(payload):
+        return replace(unreadable(payload, TOO_DEEP, received_at, source), session=session)
     channel = as_text(message.get("channel"))
     message_id = as_text(message.get("id"))
     data = message.get("data")
+    if too_long(message_id):
+        return _too_long(payload, "id", received_at, source, session)
     if not isinstance(data, dict):
         reason = "data is missing" if data is None else "data is not an object"
         return Notification(payload, received_at, source, channel, message_id, None, None, None, None, reason,
@@ -331,6 +401,9 @@ def classify(payload: str, message: Any, received_at=None, source=None, session=
     workitem = data.get("workitem")
     workitem_id = as_text(workitem.get("id")) if isinstance(workitem, dict) else None
     reference_id = as_text(data.get("referenceId"))
+    for name, key in (("workitem.id", workitem_id), ("referenceId", reference_id)):
+        if too_long(key):
+            return _too_long(payload, name, received_at, source, session)
     if message_type != MESSAGE_TYPE:
         reason = f"messageType is {message_type!r}, not {MESSAGE_TYPE!r}"
     elif notification_type not in NOTIFICATION_TYPES:
@@ -345,6 +418,12 @@ def classify(payload: str, message: Any, received_at=None, source=None, session=
         payload, received_at, source, channel, message_id, message_type, notification_type,
         workitem_id, reference_id, reason, NOTIFICATION, session,
     )
+
+
+def _too_long(payload: str, name: str, received_at, source, session) -> Notification:
+    """A message with a key too long to index: quarantined, no column extracted."""
+    reason = f"{name} is longer than {MAX_KEY_BYTES} bytes (not indexable)"
+    return replace(unreadable(payload, reason, received_at, source), session=session)
 
 
 def utc_text(at: dt.datetime) -> str:

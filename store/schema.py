@@ -8,6 +8,7 @@ on SQLite and PostgreSQL.  Nothing here creates tables itself.
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 from sqlalchemy import (
     JSON,
@@ -23,7 +24,6 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator
 
 metadata = MetaData(
@@ -90,8 +90,26 @@ class UTCDateTime(TypeDecorator):
         return value.astimezone(dt.timezone.utc)
 
 
-# JSON values keep their array order on both engines; JSONB on PostgreSQL makes them comparable.
-JSONValue = JSON().with_variant(JSONB(), "postgresql")
+class SQLiteJSONText(TypeDecorator):
+    """JSON in a TEXT column on SQLite, written and read as SQLAlchemy's JSON type does.
+
+    A column declared JSON has NUMERIC affinity in SQLite, which turns the text of a bare
+    number into a number: 123456789012345678901234567890 came back rounded to 1.2345678901234568e+29.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return json.dumps(value)  # None as JSON null, as SQLAlchemy's JSON type writes it
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else json.loads(value)
+
+
+# JSON values are JSON text on both engines, exactly as the store wrote it (PostgreSQL: json,
+# not jsonb, which rewrites numbers and cannot hold every value: migration 0004).
+JSONValue = JSON().with_variant(SQLiteJSONText(), "sqlite")
 
 event_log = Table(
     "event_log",
@@ -205,6 +223,15 @@ projection_checkpoints = Table(
     Column("last_seq", BigInteger, nullable=False, server_default=text("0")),
     Column("version", Integer, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# Log rows a projection could not apply: skipped, recorded here (docs/RULES.md 5.6).
+projection_errors = Table(
+    "projection_errors",
+    metadata,
+    Column("projection", Text, primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("error", Text, nullable=False),
 )
 
 PROJECTION_TABLES = (workitems, workitem_transitions, capability_history, request_outcomes)

@@ -7,7 +7,7 @@ from sqlalchemy import Connection, func, select
 from . import log
 from .notifications import KINDS
 from .projections import PROJECTIONS
-from .schema import PROJECTION_TABLES, event_log, imported_files, projection_checkpoints
+from .schema import PROJECTION_TABLES, event_log, imported_files, projection_checkpoints, projection_errors
 
 
 def status(conn: Connection) -> dict:
@@ -34,7 +34,8 @@ def status(conn: Connection) -> dict:
             "updated_at": r.updated_at.isoformat() if r else None,
         })
     tables = {t.name: conn.execute(select(func.count()).select_from(t)).scalar_one()
-              for t in (event_log, imported_files, *PROJECTION_TABLES)}
+              for t in (event_log, imported_files, *PROJECTION_TABLES, projection_errors)}
+    errors = conn.execute(select(projection_errors).order_by(projection_errors.c.seq).limit(10)).all()
     return {
         "event_log": {"rows": counts[0], "duplicates": counts[1], "quarantined": counts[2],
                       "kinds": {kind: kinds.get(kind, 0) for kind in KINDS},
@@ -42,4 +43,6 @@ def status(conn: Connection) -> dict:
                       "quarantine_reasons": {reason: n for reason, n in reasons}},
         "tables": tables,
         "checkpoints": checkpoints,
+        # The first log rows a projection skipped (all of them: table projection_errors).
+        "projection_errors": [{"projection": r.projection, "seq": r.seq, "error": r.error} for r in errors],
     }

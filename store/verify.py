@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from decimal import Decimal
 
-from sqlalchemy import Connection, select
+from sqlalchemy import JSON, Connection, select
 
 from .log import GENESIS_HASH, chain_hash, payload_sha256
 from .notifications import EXTRACTED, reclassify
@@ -35,10 +34,14 @@ class VerifyReport:
     column_mismatch: ChainBreak | None = None
     # table -> {"missing": rows a rebuild has that the table lacks, "unexpected": the reverse}
     differences: dict[str, dict] = field(default_factory=dict)
+    # The projections' checkpoints when they are not at the log's head: {projection: last_seq}
+    # (a store whose projections lag its log does not show what the log holds).
+    lagging: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return self.chain_break is None and self.column_mismatch is None and not self.differences
+        return (self.chain_break is None and self.column_mismatch is None and not self.differences
+                and not self.lagging)
 
 
 def verify_chain(conn: Connection, report: VerifyReport, chunk: int = 10_000) -> None:
@@ -66,8 +69,13 @@ def verify_chain(conn: Connection, report: VerifyReport, chunk: int = 10_000) ->
                 report.chain_break = ChainBreak(r.seq, "chain_hash", link, r.chain_hash)
                 return
             if report.column_mismatch is None:
-                derived = reclassify(r.payload, r.quarantine_reason, r.kind)
-                for name in EXTRACTED:
+                try:
+                    derived = reclassify(r.payload, r.quarantine_reason, r.kind)
+                except ValueError as exc:  # the row claims a message that does not read as one
+                    report.column_mismatch = ChainBreak(r.seq, "payload", "a readable message",
+                                                        f"not JSON: {exc}")
+                    derived = None
+                for name in EXTRACTED if derived is not None else ():
                     if getattr(derived, name) != getattr(r, name):
                         report.column_mismatch = ChainBreak(r.seq, name, str(getattr(derived, name)),
                                                             str(getattr(r, name)))
@@ -77,23 +85,13 @@ def verify_chain(conn: Connection, report: VerifyReport, chunk: int = 10_000) ->
 
 
 def _json_text(value) -> str:
-    """A JSON value as text that compares by meaning: keys sorted, numbers by value.
-
-    PostgreSQL's jsonb keeps a number's value, not its spelling: 1e16 written from Python comes
-    back as the integer 10000000000000000, equal to the 1e16 a rebuild computes.
-    """
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{json.dumps(k)}:{_json_text(value[k])}" for k in sorted(value)) + "}"
-    if isinstance(value, list):
-        return "[" + ",".join(map(_json_text, value)) + "]"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
-        return str(number.normalize()) if number else "0"
-    return json.dumps(value)
+    """A JSON value as text that compares by meaning (keys sorted).  Both engines keep JSON
+    columns as the text the store wrote (migration 0004), so values come back exactly."""
+    return json.dumps(value, sort_keys=True)
 
 
-def _canonical(row: dict, columns: list[str]) -> tuple:
-    return tuple(_json_text(row[c]) if isinstance(row[c], (dict, list)) else row[c] for c in columns)
+def _canonical(row: dict, columns: list[str], json_columns: set[str]) -> tuple:
+    return tuple(_json_text(row[c]) if c in json_columns and row[c] is not None else row[c] for c in columns)
 
 
 def compare_projections(conn: Connection, report: VerifyReport, examples: int = 3) -> None:
@@ -105,8 +103,9 @@ def compare_projections(conn: Connection, report: VerifyReport, examples: int = 
         if upto not in computed:
             computed[upto] = compute(conn, upto)
         columns = [col.name for col in cls.table.columns]
-        expected = Counter(_canonical(r, columns) for r in computed[upto][cls.table.name])
-        found = Counter(_canonical(dict(r._mapping), columns) for r in conn.execute(select(cls.table)))
+        json_columns = {col.name for col in cls.table.columns if isinstance(col.type, JSON)}
+        expected = Counter(_canonical(r, columns, json_columns) for r in computed[upto][cls.table.name])
+        found = Counter(_canonical(dict(r._mapping), columns, json_columns) for r in conn.execute(select(cls.table)))
         missing, unexpected = expected - found, found - expected
         if missing or unexpected:
             report.differences[cls.table.name] = {
@@ -119,8 +118,17 @@ def compare_projections(conn: Connection, report: VerifyReport, examples: int = 
             }
 
 
+def check_lag(conn: Connection, report: VerifyReport) -> None:
+    """Projections whose checkpoint is not the log's head (``report.head_seq``)."""
+    stored = dict(conn.execute(select(projection_checkpoints.c.projection, projection_checkpoints.c.last_seq)).all())
+    for cls in PROJECTIONS:
+        if stored.get(cls.name, 0) != report.head_seq:
+            report.lagging[cls.name] = stored.get(cls.name, 0)
+
+
 def verify(conn: Connection) -> VerifyReport:
     report = VerifyReport()
     verify_chain(conn, report)
+    check_lag(conn, report)
     compare_projections(conn, report)
     return report

@@ -16,6 +16,25 @@ from sqlalchemy.engine import make_url
 
 from store.db import open_store
 
+FUZZ_ENV = "WORKITEM_STORE_FUZZ_EXAMPLES"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=0, metavar="N",
+                     help="The long fuzzing run: N hypothesis examples per fuzz test (tests/test_fuzz.py), "
+                          "and the big hostile lines at 50 times their CI size (50 MB lines).")
+
+
+def pytest_configure(config):
+    if config.getoption("--fuzz-examples"):
+        os.environ[FUZZ_ENV] = str(config.getoption("--fuzz-examples"))
+
+
+@pytest.fixture
+def fuzz_scale() -> int:
+    return 50 if os.environ.get(FUZZ_ENV) else 1
+
+
 PG_URL = os.environ.get("WORKITEM_STORE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 

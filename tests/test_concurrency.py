@@ -190,6 +190,7 @@ def _release_and_check_both_committed_in_order(engine, release, first, second) -
     assert first.error is None and second.error is None
     assert (first.result.first_seq, second.result.first_seq) == (4, 5)
     assert _committed(engine) == [1, 2, 3, 4, 5]
+    runner.project(engine)
     with engine.connect() as conn:
         assert verify(conn).ok
 

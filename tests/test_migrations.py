@@ -21,7 +21,7 @@ from store.db import MIGRATIONS_DIR, StoreError, alembic_config, current_revisio
 from store.schema import metadata
 
 TABLES = {"event_log", "imported_files", "workitems", "workitem_transitions", "capability_history",
-          "request_outcomes", "projection_checkpoints"}
+          "request_outcomes", "projection_checkpoints", "projection_errors"}
 
 
 def _diff(engine) -> list:

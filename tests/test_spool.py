@@ -18,6 +18,7 @@ from sqlalchemy import select, text
 from cometd_server import eventually
 from helpers import data, log_rows
 from store.ingest.spool import Entry, Spool
+from store.projections import runner
 from store.ingest.writer import DurableLog, SpoolFull
 from store.schema import event_log
 from store.verify import verify
@@ -114,6 +115,7 @@ def test_a_locked_log_spools_then_drains_in_order(engine, tmp_path):
     assert during[0] is True and during[1] is False and during[2] > 0
     assert after == (False, True, 0)
     assert refs(engine) == [("session", "started")] + [("notification", n) for n in (1, 2, 3, 4, 5, 9)]
+    runner.project(engine)
     with engine.connect() as conn:
         assert verify(conn).ok
 

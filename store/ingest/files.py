@@ -19,10 +19,13 @@ from sqlalchemy import Engine, select
 
 from .. import log
 from ..db import StoreError, collections_postponed, write_transaction
-from ..notifications import Notification, decode_text, parse_line, unreadable
+from ..notifications import MAX_KEY_BYTES, Notification, decode_text, parse_line, too_long, unreadable
 from ..schema import imported_files
 
 BATCH_LINES = 20_000
+BATCH_BYTES = 64 << 20  # a batch also ends after this many bytes (lines can be 50 MB each)
+BOM = b"\xef\xbb\xbf"
+JSON_WHITESPACE = b" \t\r\n"
 
 
 @dataclass
@@ -44,10 +47,17 @@ class AlreadyImported(StoreError):
 
 
 def decode_line(raw: bytes) -> Notification | None:
-    """One raw line (terminator included or not) -> Notification; None for a blank line."""
+    """One raw line (terminator included or not) -> Notification; None for a blank line.
+
+    Blank means JSON whitespace only (space, tab, CR, LF: RFC 8259), so a line of vertical tabs
+    or form feeds is a row.  A UTF-8 byte order mark starting the line is not part of it
+    (RFC 8259, section 8.1: parsers may ignore one; editors on Windows write one).
+    """
     if raw.endswith(b"\n"):
         raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
-    if not raw.strip():
+    if raw.startswith(BOM):
+        raw = raw[len(BOM):]
+    if not raw.strip(JSON_WHITESPACE):
         return None
     line, reason = decode_text(raw)
     if reason is not None:
@@ -77,12 +87,14 @@ def _refuse_if_imported(conn, sha256: str, file_name: str) -> None:
 
 def _batches(stream: BinaryIO, digest) -> Iterator[list[bytes]]:
     batch: list[bytes] = []
+    size = 0
     for raw in stream:
         digest.update(raw)
         batch.append(raw)
-        if len(batch) >= BATCH_LINES:
+        size += len(raw)
+        if len(batch) >= BATCH_LINES or size >= BATCH_BYTES:
             yield batch
-            batch = []
+            batch, size = [], 0
     if batch:
         yield batch
 
@@ -97,6 +109,8 @@ def import_stream(engine: Engine, stream: BinaryIO, *, file_name: str, source: s
     AlreadyImported if a file with that content was imported before (checked with the log's
     write lock held, so two concurrent imports of one file cannot both pass).
     """
+    if too_long(source):
+        raise StoreError(f"source {source[:40]!r}... is longer than {MAX_KEY_BYTES} bytes")
     result = ImportResult(file_name)
     digest = hashlib.sha256()
     context = log.AppendContext()

@@ -85,6 +85,8 @@ class Ingestor:
         self.projections_run = 0
         self.last_projected_seq: int | None = None
         self.projection_error: str | None = None
+        self.projection_failing_since: str | None = None
+        self.projection_errors = 0  # rows of projection_errors (log rows the projections skipped)
         self.started_at = time.time()
         self._dirty = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -168,6 +170,8 @@ class Ingestor:
             error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if error != self.projection_error:
                 logger.error("projecting failed: %s; trying again", error)
+            if self.projection_error is None:
+                self.projection_failing_since = epoch_text(time.time())
             self.projection_error = error
             self._dirty.set()
             return False
@@ -175,6 +179,7 @@ class Ingestor:
             logger.warning("projecting works again")
         self.projection_error = None
         self.projections_run += 1
+        self.projection_errors = result.errors
         self.last_projected_seq = result.to_seq
         self.writer.status.head_seq = max(self.writer.status.head_seq, result.to_seq)
         return True
@@ -199,6 +204,9 @@ class Ingestor:
         if self.writer.spooling and self.spool.pending_bytes >= self.writer.spool_max:
             unhealthy.append({"component": "spool", "since": epoch_text(status.writable_since),
                               "reason": "the spool is full: batches are not acknowledged until it drains"})
+        if self.projection_error is not None:
+            unhealthy.append({"component": "projection", "since": self.projection_failing_since,
+                              "reason": f"projecting fails: {self.projection_error}"})
         if not status.writable:
             unhealthy.append({"component": "log", "since": epoch_text(status.writable_since),
                               "reason": status.error or "the database cannot be written"})
@@ -217,7 +225,8 @@ class Ingestor:
                       "oldest_age_seconds": None if oldest is None
                       else round((dt.datetime.now(dt.timezone.utc) - oldest).total_seconds(), 3)},
             "projection": {"last_seq": self.last_projected_seq, "lag_rows": self._projection_lag(),
-                           "error": self.projection_error, "runs": self.projections_run},
+                           "error": self.projection_error, "runs": self.projections_run,
+                           "skipped_rows": self.projection_errors},
             "sessions": sessions,
         }
 
@@ -263,6 +272,9 @@ class Ingestor:
                single(spool["oldest_age_seconds"] or 0))
         family(p + "projection_lag_rows", "gauge", "Log head minus the projections' checkpoint.",
                single(health["projection"]["lag_rows"]))
+        family(p + "projection_errors", "gauge",
+               "Log rows the projections skipped (table projection_errors).",
+               single(health["projection"]["skipped_rows"]))
         family(p + "healthy", "gauge", "1 when /healthz answers 200.", single(int(health["status"] == "ok")))
         return "\n".join(lines) + "\n"
 

@@ -39,7 +39,7 @@ from sqlalchemy import Engine, func, select
 from .. import log
 from ..db import StoreError, collections_postponed, probe_writable, write_transaction
 from ..notifications import (
-    NOTIFICATION, SESSION, Notification, classify, classify_record, epoch_text, load_json, utc_text,
+    NOTIFICATION, SESSION, Notification, classify_record, epoch_text, load_json, parse_message, utc_text,
 )
 from ..schema import event_log
 from .spool import Entry, Spool
@@ -72,8 +72,8 @@ def notifications_of(entry: Entry) -> list[Notification]:
     """The log rows of an entry, classified by the same rules as every input."""
     if entry.kind != NOTIFICATION:
         return [classify_record(entry.kind, text, entry.session) for text in entry.texts]
-    messages = entry.messages or [load_json(text) for text in entry.texts]
-    return [classify(text, message, session=entry.session) for text, message in zip(entry.texts, messages, strict=True)]
+    # The text, not the message the Bayeux client parsed: the same checks as a file line.
+    return [parse_message(text, entry.session) for text in entry.texts]
 
 
 class DurableLog:
@@ -294,7 +294,8 @@ class DurableLog:
         c = event_log.c
         with write_transaction(self.engine) as conn:
             for session in spool.sessions():
-                last = conn.execute(select(c.source, c.payload).where(c.session == session, c.kind == SESSION)
+                last = conn.execute(select(c.source, c.payload).where(c.session == session, c.kind == SESSION,
+                                                                  c.quarantine_reason.is_(None))
                                     .order_by(c.received_at.desc()).limit(1)).first()
                 if last is None or load_json(last.payload).get("event") not in ("started", "resumed"):
                     continue

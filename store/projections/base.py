@@ -34,6 +34,7 @@ class Projection:
     def __init__(self, *, complete: bool = False):
         self.complete = complete
         self.state: dict[Any, Any] = {}
+        self.errors: list[dict] = []  # rows for projection_errors: events this projection skipped
 
     def key(self, event: Event) -> Any | None:
         """The state key a notification touches, or None when the projection ignores it."""
@@ -68,7 +69,17 @@ class Projection:
             if missing:
                 self.load(conn, missing)
         for event in events:
-            self.apply(event)
+            if event.data is None:
+                self._skip(event, "the payload is not a readable message (changed after it was classified?)")
+                continue
+            try:
+                self.apply(event)
+            except Exception as exc:  # noqa: BLE001 - one row must never stop a projection
+                self._skip(event, f"{type(exc).__name__}: {exc}"[:500])
+
+    def _skip(self, event: Event, error: str) -> None:
+        """Record an event this projection cannot apply; projecting goes on (RULES.md 5.6)."""
+        self.errors.append({"projection": self.name, "seq": event.seq, "error": error})
 
 
 def select_in(conn: Connection, query, columns, keys: Iterable) -> Iterable:

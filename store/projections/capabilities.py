@@ -17,7 +17,7 @@ from .workitems import capability_list
 
 class CapabilityHistory(Projection):
     name = "capability_history"
-    version = 2
+    version = 3
     table = history
 
     def __init__(self, *, complete: bool = False):

@@ -11,11 +11,11 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, delete, select, text
+from sqlalchemy import Connection, Engine, delete, func, select, text
 
 from .. import log
 from ..db import collections_postponed, insert_rows, write_transaction
-from ..schema import projection_checkpoints as checkpoints
+from ..schema import projection_checkpoints as checkpoints, projection_errors
 from . import PROJECTIONS
 from .base import Projection
 
@@ -29,6 +29,7 @@ class ProjectResult:
     from_seq: int
     to_seq: int
     rebuilt: tuple[str, ...] = ()  # projections rebuilt because their version changed
+    errors: int = 0  # rows in projection_errors: log rows a projection skipped (all runs)
 
 
 def _lock_checkpoints(conn: Connection) -> dict[str, tuple[int, int]]:
@@ -64,12 +65,14 @@ def _run(conn: Connection, projections: list[Projection], after_seq: int, upto_s
                 progress(events[-1].seq, head_seq)
         for p in projections:
             p.flush(conn, final=True)
+            insert_rows(conn, projection_errors, p.errors)
     return applied
 
 
 def _reset(conn: Connection, projections: list[Projection]) -> None:
     for p in projections:
         conn.execute(delete(p.table))
+    conn.execute(delete(projection_errors))
 
 
 def project(engine: Engine, progress: Progress | None = None) -> ProjectResult:
@@ -96,7 +99,7 @@ def project(engine: Engine, progress: Progress | None = None) -> ProjectResult:
             if after >= head_seq:
                 if rebuilt and after == 0:
                     _save_checkpoints(conn, [cls() for cls in PROJECTIONS], 0)
-                return ProjectResult(applied, start, after, rebuilt)
+                return ProjectResult(applied, start, after, rebuilt, error_count(conn))
             upto = min(head_seq, after + TRANSACTION_EVENTS)
             projections = [cls(complete=after == 0) for cls in PROJECTIONS]
             applied += _run(conn, projections, after, upto, progress, head_seq)
@@ -112,7 +115,12 @@ def rebuild(engine: Engine, progress: Progress | None = None) -> ProjectResult:
         _reset(conn, projections)
         applied = _run(conn, projections, 0, head_seq, progress, head_seq)
         _save_checkpoints(conn, projections, head_seq)
-    return ProjectResult(applied, 0, head_seq, tuple(p.name for p in projections))
+        errors = error_count(conn)
+    return ProjectResult(applied, 0, head_seq, tuple(p.name for p in projections), errors)
+
+
+def error_count(conn: Connection) -> int:
+    return conn.execute(select(func.count()).select_from(projection_errors)).scalar_one()
 
 
 def compute(conn: Connection, upto_seq: int | None = None) -> dict[str, list[dict]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from sqlalchemy import or_, select
 
 from ..log import SNAPSHOT_EVENT
-from ..notifications import ERROR, as_text, snapshot_workitems
+from ..notifications import ERROR, MAX_KEY_BYTES, as_text, snapshot_workitems, too_long
 from ..schema import workitems
 from ..db import insert_rows
 from .base import Projection, select_in
@@ -20,18 +20,21 @@ from .base import Projection, select_in
 # source's snapshot: it ended (completed, rejected, revoked, transferred) while nobody listened.
 ABSENT = "Absent"
 CLOSED_STATES = ("Completed", "Revoked", ABSENT)
+SHORT = MAX_KEY_BYTES // 4  # characters that cannot be more than MAX_KEY_BYTES bytes
 
 
 def capability_list(value) -> list[str] | None:
     """The capabilities of a workitem resource, in received order without repeats.
 
     None when the value is not a list: such a value is treated as if the key were absent.
+    Entries are taken as text (section 1.1 of docs/RULES.md); null, "" and names longer than
+    MAX_KEY_BYTES (too long to index in capability_history) are left out.
     """
     if not isinstance(value, list):
         return None
-    if all(type(item) is str and item for item in value):  # the usual case, 3x faster
+    if all(type(item) is str and item and len(item) <= SHORT for item in value):  # the usual case, 3x faster
         return list(dict.fromkeys(value))
-    return list(dict.fromkeys(text for text in map(as_text, value) if text is not None))
+    return list(dict.fromkeys(text for text in map(as_text, value) if text is not None and not too_long(text)))
 
 
 def is_open(state: str | None) -> bool:
@@ -40,7 +43,7 @@ def is_open(state: str | None) -> bool:
 
 class Workitems(Projection):
     name = "workitems"
-    version = 2
+    version = 3
     table = workitems
 
     def __init__(self, *, complete: bool = False):
