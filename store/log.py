@@ -289,15 +289,22 @@ class Event(NamedTuple):
     data: dict  # None when the payload cannot be read (projections record an error)
     workitem: dict  # data.workitem, or {} when absent or not an object
     reconcile: dict | None = None
+    large: bool = False  # the payload is over MAX_JSON_BYTES: its values may be too (workitems.py)
+
+
+# JSON values larger than this (as text) are too large for a jsonb column: projections store a
+# degraded form instead (docs/RULES.md 5.1).  Only a payload at least this large can hold one.
+MAX_JSON_BYTES = 16 << 20
 
 
 def event_from_row(row, payload: str, kind: str = NOTIFICATION) -> Event:
     """An Event from a row whose first six columns are Event's, and its payload."""
+    large = len(payload) > MAX_JSON_BYTES
     if kind == SNAPSHOT:
-        return Event(row[0], row[1], row[2], SNAPSHOT_EVENT, None, None, load_json(payload), {}, {})
+        return Event(row[0], row[1], row[2], SNAPSHOT_EVENT, None, None, load_json(payload), {}, {}, large)
     data = load_json(payload)["data"]
     workitem = data.get("workitem")
-    return Event(*row[:6], data, workitem if isinstance(workitem, dict) else {})
+    return Event(*row[:6], data, workitem if isinstance(workitem, dict) else {}, None, large)
 
 
 PROJECTABLE = and_(event_log.c.quarantine_reason.is_(None),

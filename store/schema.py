@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator
 
 metadata = MetaData(
@@ -107,9 +108,9 @@ class SQLiteJSONText(TypeDecorator):
         return None if value is None else json.loads(value)
 
 
-# JSON values are JSON text on both engines, exactly as the store wrote it (PostgreSQL: json,
-# not jsonb, which rewrites numbers and cannot hold every value: migration 0004).
-JSONValue = JSON().with_variant(SQLiteJSONText(), "sqlite")
+# JSON values: JSON text on SQLite, jsonb on PostgreSQL (comparable, indexable, its operators);
+# values too large for jsonb are stored in a degraded form on both (projections/workitems.py).
+JSONValue = JSON().with_variant(SQLiteJSONText(), "sqlite").with_variant(JSONB(), "postgresql")
 
 event_log = Table(
     "event_log",
@@ -225,7 +226,7 @@ projection_checkpoints = Table(
     Column("updated_at", UTCDateTime, nullable=False),
 )
 
-# Log rows a projection could not apply: skipped, recorded here (docs/RULES.md 5.6).
+# Log rows a projection could not apply: skipped, recorded here (docs/RULES.md 6.1).
 projection_errors = Table(
     "projection_errors",
     metadata,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from sqlalchemy import JSON, Connection, select
 
-from .log import GENESIS_HASH, chain_hash, payload_sha256
+from .log import GENESIS_HASH, chain_hash, head, payload_sha256
 from .notifications import EXTRACTED, reclassify
 from .projections import PROJECTIONS
 from .projections.runner import compute
@@ -37,6 +38,7 @@ class VerifyReport:
     # The projections' checkpoints when they are not at the log's head: {projection: last_seq}
     # (a store whose projections lag its log does not show what the log holds).
     lagging: dict[str, int] = field(default_factory=dict)
+    log_head_seq: int = 0  # the log's last seq (head_seq is the last one verified)
 
     @property
     def ok(self) -> bool:
@@ -85,9 +87,19 @@ def verify_chain(conn: Connection, report: VerifyReport, chunk: int = 10_000) ->
 
 
 def _json_text(value) -> str:
-    """A JSON value as text that compares by meaning (keys sorted).  Both engines keep JSON
-    columns as the text the store wrote (migration 0004), so values come back exactly."""
-    return json.dumps(value, sort_keys=True)
+    """A JSON value as text that compares by meaning: keys sorted, numbers by value.
+
+    PostgreSQL's jsonb keeps a number's value, not its spelling: 1e300 written from Python comes
+    back as a 301-digit integer, equal in value to the 1e300 a rebuild computes.
+    """
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(k)}:{_json_text(value[k])}" for k in sorted(value)) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(map(_json_text, value)) + "]"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+        return str(number.normalize()) if number else "0"
+    return json.dumps(value)
 
 
 def _canonical(row: dict, columns: list[str], json_columns: set[str]) -> tuple:
@@ -119,10 +131,11 @@ def compare_projections(conn: Connection, report: VerifyReport, examples: int = 
 
 
 def check_lag(conn: Connection, report: VerifyReport) -> None:
-    """Projections whose checkpoint is not the log's head (``report.head_seq``)."""
+    """Projections whose checkpoint is not the log's head."""
     stored = dict(conn.execute(select(projection_checkpoints.c.projection, projection_checkpoints.c.last_seq)).all())
+    report.log_head_seq = head(conn)[0]
     for cls in PROJECTIONS:
-        if stored.get(cls.name, 0) != report.head_seq:
+        if stored.get(cls.name, 0) != report.log_head_seq:
             report.lagging[cls.name] = stored.get(cls.name, 0)
 
 

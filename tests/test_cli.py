@@ -139,7 +139,7 @@ def test_status_json(db_url, tmp_path):
     assert e["chain_head"] == head_hash
     assert sum(e["quarantine_reasons"].values()) == 2
     assert status["tables"] == {"event_log": 7, "imported_files": 2, "workitems": 2, "workitem_transitions": 2,
-                                "capability_history": 2, "request_outcomes": 3}
+                                "capability_history": 2, "request_outcomes": 3, "projection_errors": 0}
     assert {c["projection"]: (c["last_seq"], c["lag"], c["version"]) for c in status["checkpoints"]} == {
         cls.name: (6, 1, cls.version) for cls in PROJECTIONS}
     text_out = run("status", "--db", db_url).output
@@ -197,6 +197,30 @@ def test_verify_detects_an_extracted_column_that_disagrees_with_its_payload(impo
     assert report["chain_break"] is None
     assert report["column_mismatch"]["seq"] == 2 and report["column_mismatch"]["what"] == "workitem_id"
     assert report["column_mismatch"]["found"] == "forged"
+
+
+def test_a_row_no_projection_can_read_is_skipped_and_recorded_not_fatal(imported, tmp_path):
+    # A payload replaced behind the store's back by text that is no message: projecting must
+    # go on (the row is recorded in projection_errors), and verify still reports the tampering.
+    _tamper(imported, "UPDATE event_log SET payload = 'not a message' WHERE seq = 2")
+    run("rebuild", "--db", imported)
+    status = json.loads(run("status", "--json", "--db", imported).output)
+    assert status["tables"]["projection_errors"] == len(PROJECTIONS)
+    assert {(e["projection"], e["seq"]) for e in status["projection_errors"]} == {(p.name, 2) for p in PROJECTIONS}
+    assert all(c["lag"] == 0 for c in status["checkpoints"])
+    assert "projection errors: 4 log rows skipped" in run("status", "--db", imported).output
+    run("import", write(tmp_path / "more.jsonl", [bare(data(wid="w9", state="Processing"))]), "--db", imported)
+    report = json.loads(run("verify", "--json", "--db", imported, ok=False).output)
+    assert report["chain_break"]["seq"] == 2 and report["lagging"] == {}
+
+
+def test_verify_fails_on_projections_that_lag_the_log(imported, tmp_path):
+    run("import", "--no-project", write(tmp_path / "b.jsonl", [bare(data(wid="w9", state="Processing"))]),
+        "--db", imported)
+    result = run("verify", "--db", imported, ok=False)
+    assert "workitems LAGS the log: checkpoint seq 6, log head seq 7" in result.output
+    run("project", "--db", imported)
+    run("verify", "--db", imported)
 
 
 def test_verify_detects_a_deleted_row(imported):
@@ -275,7 +299,8 @@ def test_simulated_noise_is_quarantined(tmp_path, db_url):
 def test_db_as_plain_path_env_var_and_group_option(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "plain.db"
-    run("status", "--db", path)  # a plain file path; the empty database is upgraded to head
+    run("init", "--db", path)  # a plain file path; the new database is upgraded to head
+    run("status", "--db", path)
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == (head_revision(),)
     conn.close()

@@ -1,13 +1,10 @@
-"""Projections that never stop: the table projection_errors, and JSON columns as JSON text on
-both engines (SQLite TEXT, PostgreSQL json).
+"""Projections that never stop: the table projection_errors; SQLite JSON columns as TEXT.
 
-``projection_errors`` records each log row a projection could not apply (docs/RULES.md 5.6).
-On PostgreSQL ``workitems.capabilities`` and ``workitems.user_data`` change from ``jsonb`` to
-``json``: the JSON text exactly as the store wrote it, as SQLite keeps it.  ``jsonb`` rewrote
-numbers (``1e300`` came back as a 301-digit integer, so ``verify`` saw a difference where there
-was none) and refused values it cannot hold (arrays of tens of millions of elements), which
-stopped projecting for good.  The projections' versions change with this revision, so the next
-``project`` rebuilds them in the new form.
+``projection_errors`` records each log row a projection could not apply (docs/RULES.md 6.1).
+On SQLite ``workitems.capabilities`` and ``workitems.user_data`` were declared JSON, which
+gives a column NUMERIC affinity: SQLite turned the JSON text of a bare number into a number
+(``123456789012345678901234567890`` came back rounded).  Declared TEXT, they keep the text.
+The projections' versions change with this revision, so the next ``project`` rebuilds them.
 
 Revision ID: 0004
 Revises: 0003
@@ -15,7 +12,6 @@ Create Date: 2026-11-30
 """
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import postgresql
 
 revision = "0004"
 down_revision = "0003"
@@ -33,11 +29,7 @@ def upgrade() -> None:
         sa.Column("error", sa.Text(), nullable=False),
         sa.PrimaryKeyConstraint("projection", "seq", name=op.f("pk_projection_errors")),
     )
-    if op.get_bind().dialect.name == "postgresql":
-        for column in JSON_COLUMNS:
-            op.alter_column("workitems", column, type_=postgresql.JSON(),
-                            postgresql_using=f"CAST(CAST({column} AS text) AS json)")
-    else:
+    if op.get_bind().dialect.name == "sqlite":
         # Declared JSON, the columns had NUMERIC affinity (a bare number's text became a
         # rounded number); TEXT keeps the text.  SQLite changes a type by copying the table.
         with op.batch_alter_table("workitems", recreate="always") as batch:
@@ -46,11 +38,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        for column in JSON_COLUMNS:
-            op.alter_column("workitems", column, type_=postgresql.JSONB(),
-                            postgresql_using=f"CAST(CAST({column} AS text) AS jsonb)")
-    else:
+    if op.get_bind().dialect.name == "sqlite":
         with op.batch_alter_table("workitems", recreate="always") as batch:
             for column in JSON_COLUMNS:
                 batch.alter_column(column, type_=sa.JSON())

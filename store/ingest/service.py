@@ -204,7 +204,7 @@ class Ingestor:
         if self.writer.spooling and self.spool.pending_bytes >= self.writer.spool_max:
             unhealthy.append({"component": "spool", "since": epoch_text(status.writable_since),
                               "reason": "the spool is full: batches are not acknowledged until it drains"})
-        if self.projection_error is not None:
+        if self.projection_error is not None and status.writable:  # (else the log's entry says why)
             unhealthy.append({"component": "projection", "since": self.projection_failing_since,
                               "reason": f"projecting fails: {self.projection_error}"})
         if not status.writable:

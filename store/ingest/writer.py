@@ -187,7 +187,7 @@ class DurableLog:
                         continue  # the drain caught up meanwhile: commit directly
                     try:
                         await self._run(self._io, self.spool.append, [entry for entry, _ in wave])
-                    except OSError as exc:
+                    except Exception as exc:  # noqa: BLE001 - fail these entries, never the write loop
                         logger.error("cannot write the spool %s: %s", self.spool.directory, exc)
                         for _, future in wave:
                             if not future.done():

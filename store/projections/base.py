@@ -78,7 +78,7 @@ class Projection:
                 self._skip(event, f"{type(exc).__name__}: {exc}"[:500])
 
     def _skip(self, event: Event, error: str) -> None:
-        """Record an event this projection cannot apply; projecting goes on (RULES.md 5.6)."""
+        """Record an event this projection cannot apply; projecting goes on (RULES.md 6.1)."""
         self.errors.append({"projection": self.name, "seq": event.seq, "error": error})
 
 

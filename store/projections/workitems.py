@@ -8,9 +8,11 @@ held by the snapshot's source, not listed).
 
 from __future__ import annotations
 
+import json
+
 from sqlalchemy import or_, select
 
-from ..log import SNAPSHOT_EVENT
+from ..log import MAX_JSON_BYTES, SNAPSHOT_EVENT
 from ..notifications import ERROR, MAX_KEY_BYTES, as_text, snapshot_workitems, too_long
 from ..schema import workitems
 from ..db import insert_rows
@@ -21,16 +23,18 @@ from .base import Projection, select_in
 ABSENT = "Absent"
 CLOSED_STATES = ("Completed", "Revoked", ABSENT)
 SHORT = MAX_KEY_BYTES // 4  # characters that cannot be more than MAX_KEY_BYTES bytes
+MAX_CAPABILITIES = 10_000  # a longer list is not a capabilities list (docs/RULES.md 5.1)
 
 
 def capability_list(value) -> list[str] | None:
     """The capabilities of a workitem resource, in received order without repeats.
 
-    None when the value is not a list: such a value is treated as if the key were absent.
+    None when the value is not a list, or a list of more than MAX_CAPABILITIES entries: such a
+    value is treated as if the key were absent.
     Entries are taken as text (section 1.1 of docs/RULES.md); null, "" and names longer than
     MAX_KEY_BYTES (too long to index in capability_history) are left out.
     """
-    if not isinstance(value, list):
+    if not isinstance(value, list) or len(value) > MAX_CAPABILITIES:
         return None
     if all(type(item) is str and item and len(item) <= SHORT for item in value):  # the usual case, 3x faster
         return list(dict.fromkeys(value))
@@ -120,13 +124,13 @@ class Workitems(Projection):
         if event.notification_type == ERROR:
             row["error_count"] += 1
         else:
-            _observe(row, event.workitem, event.source)
+            _observe(row, event.workitem, event)
             self._track(row)
 
     def _apply_snapshot(self, event) -> None:
         listed = snapshot_workitems(event.data)
         for wid, resource in listed.items():
-            _observe(self._row(event, wid), resource, event.source)
+            _observe(self._row(event, wid), resource, event)
             self._track(self.state[wid])
             event.reconcile[wid] = resource
         for wid in sorted(self.held.get(event.source, set()) - listed.keys()):
@@ -146,9 +150,9 @@ class Workitems(Projection):
         return list(self.state.values())
 
 
-def _observe(row: dict, workitem: dict, source: str) -> None:
-    """A StatusChange, PropertiesUpdated or a snapshot's resource: the fields it carries replace
-    the row's; the workitem is now held by ``source``."""
+def _observe(row: dict, workitem: dict, event) -> None:
+    """A StatusChange, PropertiesUpdated or a snapshot's resource (of ``event``): the fields it
+    carries replace the row's; the workitem is now held by the event's source."""
     for key, column in (("state", "state"), ("workitemType", "workitem_type"), ("uri", "uri")):
         value = as_text(workitem.get(key))
         if value is not None:
@@ -157,5 +161,12 @@ def _observe(row: dict, workitem: dict, source: str) -> None:
     if capabilities is not None:
         row["capabilities"] = capabilities
     if workitem.get("userData") is not None:
-        row["user_data"] = workitem["userData"]
-    row["source"] = source
+        row["user_data"] = _bounded(workitem["userData"], event) if event.large else workitem["userData"]
+    row["source"] = event.source
+
+
+def _bounded(value, event):
+    """``value``, or its degraded form when its JSON text is over MAX_JSON_BYTES (too large for
+    jsonb; the same on both engines, so that both stores stay identical)."""
+    size = len(json.dumps(value))
+    return value if size <= MAX_JSON_BYTES else {"$too_large": {"bytes": size, "seq": event.seq}}
