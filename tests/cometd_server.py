@@ -8,6 +8,7 @@ Shared by tests/test_bayeux.py and tests/test_gws_ingest.py; the session-scoped 
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import json
 import os
@@ -143,6 +144,22 @@ class Control:
             body["user"] = user
         return await self.call("publish", body)
 
+    async def publish_raw(self, texts: list[str | bytes], to: str | None = None, user: str | None = None,
+                          channel: str = CHANNEL, as_message: bool = False) -> dict:
+        """Publish poison exactly as a client would receive it: each text (or bytes: any bytes,
+        UTF-8 or not) goes into the response body as given, never parsed or re-serialised, as the
+        ``data`` of a delivery on ``channel`` or, ``as_message``, as a whole element of the
+        response array.  Targets as ``publish``; the control log shows a token in its place."""
+        binary = any(isinstance(t, bytes) for t in texts)
+        raw = [base64.b64encode(t if isinstance(t, bytes) else t.encode("utf-8", "surrogatepass")).decode("ascii")
+               for t in texts] if binary else list(texts)
+        body = {"channel": channel, "raw": raw, "to": to, "as": "message" if as_message else "data"}
+        if binary:
+            body["encoding"] = "base64"
+        if user is not None:
+            body["user"] = user
+        return await self.call("publish", body)
+
     async def configure(self, user: str, ack: str | None = None, java402: bool | None = None) -> dict:
         """For sessions that handshake with ``user`` from now on: the ack extension "on" (the
         default), "object" (Java's {enabled, batch} form) or "off"; Java's 402 wording."""
@@ -237,3 +254,44 @@ class Recorder:
 
     def messages(self) -> list[dict]:
         return [message for message, _ in self.committed]
+
+
+# -- poison: what no message may do to a session (issue 8) -----------------------------------------
+
+def _poison_data(ref: int, workitem: str, user_data: str = '{"Subject": "x"}', id_text: str | None = None,
+                 capabilities: str = '["Accept"]', reference: str | None = None) -> str:
+    """The raw text of a WorkitemStateChangeMessage ``data`` with one part spelled as given."""
+    id_text = id_text if id_text is not None else json.dumps(workitem)
+    reference = reference if reference is not None else str(ref)
+    return ('{"messageType":"WorkitemStateChangeMessage","notificationType":"StatusChange",'
+            f'"referenceId":{reference},"workitem":{{"id":{id_text},"workitemType":"Email",'
+            f'"state":"Invited","capabilities":{capabilities},"userData":{user_data}}}}}')
+
+
+HUGE_ARRAY = 2_000_000  # elements of the huge userData array (4 MB of text)
+DEEP = 100_000          # nesting levels of the deep userData value
+
+# (name, raw text or bytes, as_message, must be quarantined): each the raw ``data`` of a delivery
+# on CHANNEL (as_message: a whole element of the response array), published with
+# Control.publish_raw.  Which of them a real server could send: see "Raw text" in
+# tests/cometd/server.js.  "must be quarantined": no classification may take it in as a valid
+# notification (the others may be either, as long as they are stored).
+POISON: list[tuple[str, str | bytes, bool, bool]] = [
+    ("lone surrogate in workitem.id", _poison_data(9001, "", id_text='"p-\\ud800"'), False, True),
+    ("6,000-character workitem.id", _poison_data(9002, "p-" + "I" * 5998), False, True),
+    ("3,000-byte referenceId", _poison_data(9003, "p-ref", reference=json.dumps("R" * 2000 + "é" * 500)), False,
+     True),
+    ("\\u0000 inside userData", _poison_data(9004, "p-nul", user_data='{"Note": "a\\u0000b"}'), False, True),
+    ("NaN and Infinity as numbers", _poison_data(9005, "p-nan", user_data='{"n": NaN, "i": Infinity, '
+                                                                          '"m": -Infinity}'), False, True),
+    ("huge array in userData", _poison_data(9006, "p-huge", user_data='{"List": [' + ",".join(
+        ["0"] * HUGE_ARRAY) + "]}"), False, False),
+    ("nesting 100,000 levels deep", _poison_data(9007, "p-deep", user_data="[" * DEEP + "]" * DEEP), False, True),
+    ("1e300 as userData", _poison_data(9008, "p-float", user_data="1e300"), False, False),
+    ("5,000-character capability", _poison_data(9009, "p-cap", capabilities=json.dumps(["C" * 5000])), False,
+     False),
+    ("a number, not an object", "42", True, True),
+    ("a string, not an object", '"a message?"', True, True),
+    ("not UTF-8 (Latin-1 0xFF in a string)", _poison_data(9010, "p-latin1", user_data='{"Note": "caf\xff"}').encode(
+        "latin-1"), False, True),
+]

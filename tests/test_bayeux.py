@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from cometd_server import (
     CHANNEL,
+    POISON,
     DEADLINE,
     Control,
     NodeServer,
@@ -33,7 +34,15 @@ from cometd_server import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from store.ingest.bayeux import BayeuxClient, BayeuxError, full_jitter, split_messages
+from store.ingest.bayeux import (
+    UNREADABLE_LIMIT,
+    BayeuxClient,
+    BayeuxError,
+    _split,
+    _split_leniently,
+    full_jitter,
+    split_messages,
+)
 
 # The server and its control API: tests/cometd_server.py (fixtures node_modules and cometd:
 # tests/conftest.py).
@@ -89,9 +98,79 @@ def test_split_messages_slices_each_message_exactly(messages, indent, separators
 
 def test_split_messages_refuses_what_is_not_a_message_array():
     assert split_messages('{"channel": "/a"}') == [({"channel": "/a"}, '{"channel": "/a"}')]
-    for bad in ["", "[", "[1]", '[{"a": 1}] x', '[{"a": 1} {"b": 2}]', '[{"a": 1},]', "null"]:
+    # The body itself is broken: no element can be told apart (the client retries, see below).
+    for bad in ["", "[", "null", "x", "<html>", '[{"a": 1}] x', '[{"a": 1},', '[{"a": "no end]', b"\xff[]"]:
         with pytest.raises(ValueError):
             split_messages(bad)
+
+
+# -- poison: no message makes split_messages fail, each is handed on with its raw text ------------
+
+CONNECT = '{"channel":"/meta/connect","successful":true,"ext":{"ack":3}}'
+
+
+def delivery(data: str) -> str:
+    return f'{{"channel":"{CHANNEL}","data":{data}}}'
+
+
+def test_a_message_too_deep_for_the_decoder_is_handed_on_with_a_placeholder():
+    deep = delivery("[" * 100_000 + "]" * 100_000)
+    started = time.perf_counter()
+    items = split_messages(f"[{deep},{CONNECT}]")  # the C decoder raises RecursionError
+    assert time.perf_counter() - started < 1.0
+    assert items == [({}, deep), (json.loads(CONNECT), CONNECT)]
+    assert split_messages(f" [ {CONNECT} , {deep} ] ") == [(json.loads(CONNECT), CONNECT), ({}, deep)]
+
+
+def test_a_body_that_is_not_utf8_loses_nothing_and_stays_storable():
+    bad = delivery('{"note": "caf\xff", "ok": "é"}').encode("latin-1")
+    body = b"[" + bad + b"," + CONNECT.encode() + b"]"
+    items = split_messages(body)
+    assert items == [({}, delivery('{"note": "caf\\xff", "ok": "\\xe9"}')), (json.loads(CONNECT), CONNECT)]
+    items[0][1].encode("utf-8")  # storable text: every byte is there, as \xNN
+    # A UTF-8 body as bytes is decoded as it is.
+    good = delivery('{"note": "café ✓"}')
+    assert split_messages(f"[{good}]".encode()) == [(json.loads(good), good)]
+
+
+def test_elements_that_are_not_objects_are_handed_on_with_a_placeholder():
+    body = f'[42, "a ]}}, string", null, [1, {{"a": 2}}], true, {CONNECT}]'
+    assert split_messages(body) == [({}, "42"), ({}, '"a ]}, string"'), ({}, "null"), ({}, '[1, {"a": 2}]'),
+                                    ({}, "true"), (json.loads(CONNECT), CONNECT)]
+
+
+def test_escapes_nul_nan_and_garbage_inside_elements():
+    surrogate, nul = delivery('{"workitem": {"id": "\\ud800"}}'), delivery('{"n": "a\\u0000b"}')
+    nan = delivery('{"n": NaN, "i": Infinity, "m": -Infinity, "big": 1e300}')
+    items = split_messages(f"[{surrogate},{nul},{nan},{CONNECT}]")  # all valid for Python's decoder:
+    assert [raw for _, raw in items] == [surrogate, nul, nan, CONNECT]  # the normal path, texts exact
+    assert items[0][0]["data"]["workitem"]["id"] == "\ud800" and items[1][0]["data"]["n"] == "a\x00b"
+    # The lenient path: strings holding brackets, commas and escaped quotes do not end an element;
+    # an element that is not JSON is handed on whole; a raw NUL (never JSON) is kept as "\x00".
+    tricky = delivery('{"a": "]},[\\"{", "b": "x\\\\"}')
+    body = f'[{tricky}, {{"broken": }}, {delivery(chr(0) + "1")},, {{"a":1}} {{"b":2}}, {CONNECT},]'
+    assert split_messages(body) == [(json.loads(tricky), tricky), ({}, '{"broken": }'),
+                                    ({}, delivery("\\x00" + "1")), ({}, '{"a":1} {"b":2}'),
+                                    (json.loads(CONNECT), CONNECT)]
+
+
+def test_a_huge_message_takes_the_normal_path_and_the_fallback_stays_fast():
+    huge = delivery('{"list": [' + ",".join(["0"] * 2_000_000) + "]}")
+    for body in (f"[{huge},{CONNECT}]", f"[{huge},{delivery('NaN!')},{CONNECT}]"):  # the second: fallback
+        started = time.perf_counter()
+        items = split_messages(body)
+        assert time.perf_counter() - started < 2.0
+        assert [raw for _, raw in items][::len(items) - 1] == [huge, CONNECT]
+        assert len(items[0][0]["data"]["list"]) == 2_000_000
+
+
+@given(st.lists(st.dictionaries(st.text(max_size=5), json_values, max_size=4) | json_values, max_size=5),
+       st.sampled_from([None, 0, 2]), st.sampled_from([(",", ":"), (", ", ": ")]), st.booleans())
+def test_the_fallback_splits_as_the_normal_path(messages, indent, separators, ascii_only):
+    text = json.dumps(messages, indent=indent, separators=separators, ensure_ascii=ascii_only)
+    expected = [(m if isinstance(m, dict) else {}, raw) for m, raw in _split(text)]
+    assert [(m if isinstance(m, dict) else {}, raw) for m, raw in _split_leniently(text)] == expected
+    assert split_messages(text) == expected
 
 
 def test_full_jitter_grows_exponentially_up_to_the_cap():
@@ -145,6 +224,59 @@ def test_handshake_subscribe_connect_and_ordered_delivery(cometd):
     assert acks == sorted(set(acks))
     assert rest[-1]["messages"][0]["channel"] == "/meta/disconnect"
     assert cid not in {s["id"] for s in sessions}
+
+
+def test_poison_messages_are_handed_on_with_their_text_and_the_session_goes_on(cometd):
+    """Each poison of issue 8, published raw through the double: handed on with its exact text
+    (a placeholder message where it is no readable object), acknowledged, in one session."""
+    async def main():
+        recorder = Recorder()
+        async with aiohttp.ClientSession() as http:
+            control = Control(cometd, http)
+            async with client_for(cometd, recorder) as client:
+                cid = await control.wait_subscribed(client)
+                for count, (_, text, as_message, _) in enumerate(POISON, 1):
+                    await control.publish_raw([text], to=cid, as_message=as_message)
+                    await recorder.wait_for(count)
+                await control.publish([notification(i) for i in range(10)], to=cid)
+                await recorder.wait_for(len(POISON) + 10)
+            return recorder, client, await control.traffic(cid)
+
+    recorder, client, traffic = run(main())
+    assert len(recorder.attempts) == len(POISON) + 1  # each taken at once: no failure, no redelivery
+    assert (client.handshakes, client.failures, client.callback_failures) == (1, 0, 0)
+    for (name, text, as_message, _), (message, raw) in zip(POISON, recorder.committed):
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "backslashreplace")  # 0xFF kept as the text \xff
+        assert raw == (text if as_message else f'{{"channel":"{CHANNEL}","data":{text}}}'), name
+        raw.encode("utf-8")  # storable
+        assert message == ({} if as_message or name.startswith(("nesting", "not UTF-8")) else json.loads(raw)), name
+    assert [m["data"]["referenceId"] for m, _ in recorder.committed[len(POISON):]] == list(range(10))
+    acks = [e["messages"][0]["ext"]["ack"] for e in connects(traffic)]
+    assert acks == sorted(set(acks))  # every batch acknowledged once
+
+
+def test_a_body_that_stays_unreadable_is_kept_and_the_session_replaced(cometd):
+    """A body broken as a whole (here: "]" as a message ends the array early) cannot be split:
+    retried, and with the ack extension the server sends it again; after UNREADABLE_LIMIT in a
+    row its text is handed on (for the store to quarantine) and a new session starts."""
+    async def main():
+        recorder = Recorder()
+        async with aiohttp.ClientSession() as http:
+            control = Control(cometd, http)
+            async with client_for(cometd, recorder) as client:
+                cid = await control.wait_subscribed(client)
+                await control.publish_raw(["]"], to=cid, as_message=True)
+                await recorder.wait_for(1)
+                second = await control.wait_subscribed(client, not_id=cid)
+                await control.publish([notification(1)], to=second)
+                await recorder.wait_for(2)
+            return recorder, client
+
+    recorder, client = run(main())
+    [(message, raw)], [(_, after)] = recorder.committed[:1], recorder.committed[1:]
+    assert message == {} and raw.startswith("[],{") and json.loads(after)["data"] == notification(1)
+    assert client.handshakes == 2 and client.failures >= UNREADABLE_LIMIT
 
 
 def test_twenty_clients_each_receive_their_own(cometd):

@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import os
 
-import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import func, select

@@ -5,7 +5,10 @@ channels, then keeps exactly one ``/meta/connect`` outstanding, following the se
 (``interval`` and ``timeout`` are milliseconds; the latest advice replaces earlier advice).
 Each response's non-meta messages go, in the order received, to ``on_batch`` as a list of
 ``(message, raw_text)``: ``raw_text`` is the exact text of that message in the response body
-(``raw_text.encode()`` gives its bytes back).
+(``raw_text.encode()`` gives its bytes back, except where the body is not UTF-8 or holds NUL:
+see ``split_messages``).  No message can stop the client: one that is not a readable JSON object
+(not JSON, too deep, not an object, not UTF-8) is handed on with an empty placeholder message
+and its raw text, for the store to keep (quarantined).
 
 With the ack extension (the server answers the handshake with ``ext.ack: true``, or with
 ``{"enabled": true, "batch": N}`` as the Java server does when it delivers during the handshake)
@@ -25,7 +28,9 @@ session answers again after such a failure; ``ended`` after a clean ``/meta/disc
 Errors: a 402 error (whatever its text) or ``reconnect: handshake`` advice → handshake and
 subscribe again, never just retry; ``reconnect: none`` → stop (``BayeuxError``); a TLS
 certificate the client does not accept → stop at once (``BayeuxError`` naming the problem);
-transport errors, HTTP 5xx and unreadable responses → exponential backoff with full jitter; a
+transport errors, HTTP 5xx and unreadable responses (a body that is not an array of messages)
+→ exponential backoff with full jitter, and after UNREADABLE_LIMIT unreadable responses in a
+row a new session (the body of the last is handed on first, with the placeholder); a
 callback that raises → the same connect again soon, without acknowledging (the session must
 stay alive: servers drop a session that sends no connect within maxInterval, 10 s by default).
 """
@@ -56,6 +61,8 @@ OnBatch = Callable[[list[Message]], Awaitable[None]]
 OnHttpError = Callable[[int, str], Any]
 # How soon the same connect is sent again after the callback failed (seconds, at most).
 CALLBACK_RETRY_CAP = 1.0
+# Unreadable responses in a row after which the session is given up for a new one (see _exchange).
+UNREADABLE_LIMIT = 3
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,14 @@ class _Retry(Exception):
         self.answered = answered
 
 
+class _Unreadable(_Retry):
+    """A 200 response whose body is not an array of messages (``text``: the body as text)."""
+
+    def __init__(self, message: str, text: str):
+        super().__init__(message)  # what the reply carried is lost, as with a transport error
+        self.text = text
+
+
 class _CallbackFailed(_Retry):
     """on_batch raised: connect again soon without acknowledging, in the same session."""
 
@@ -121,24 +136,72 @@ class Advice:
             return cls(str(advice.get("reconnect", default.reconnect)),
                        int(advice.get("interval", default.interval)),
                        int(advice.get("timeout", default.timeout)))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity)
             return None  # malformed advice: keep the current one
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
+# The lenient splitter's steps: the next character that matters at the top level of an element
+# (a string, a bracket or a comma), the next one inside it (commas do not matter there), and the
+# rest of a string after its opening quote (any character after a backslash is skipped).
+_TOP = re.compile(r'["\[\]{},]')
+_INNER = re.compile(r'["\[\]{}]')
+_STRING_REST = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 
-def split_messages(text: str) -> list[Message]:
+def placeholder() -> dict[str, Any]:
+    """The message handed on for an element that is not a readable JSON object: no channel, so
+    it is a delivery, and its raw text is what the store keeps (and quarantines)."""
+    return {}
+
+
+def decode_body(body: bytes) -> str:
+    """A response body as text: UTF-8, as JSON is (RFC 8259).  A body that is not UTF-8 loses
+    nothing: each byte that is not is kept as the four characters ``\\xNN`` (backslashreplace),
+    so the text is still storable.  ``\\x`` is no JSON escape, so a message holding such a byte is
+    no longer valid JSON: it is handed on with the placeholder and stored quarantined, with its
+    text as received but for those bytes (its ``raw_text.encode()`` is then not its bytes)."""
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        return body.decode("utf-8", "backslashreplace")
+
+
+def split_messages(body: str | bytes) -> list[Message]:
     """Parse a Bayeux response body (a JSON array of messages, or a single message) into
-    ``(message, raw_text)`` pairs, ``raw_text`` being the message's exact slice of ``text``.
+    ``(message, raw_text)`` pairs, ``raw_text`` being the message's exact slice of the text
+    (bytes are decoded by ``decode_body``).
 
-    Raises ValueError when the body is not that.
+    No message can make this fail: an element of the array that is not a readable JSON object
+    (not JSON, nested deeper than the decoder goes, not an object: ``42``, ``"text"``) is handed
+    on as ``(placeholder(), raw_text)``, so that the store keeps it (quarantined) and the
+    session goes on.  The normal path decodes the whole body at once; only when that fails does
+    an iterative splitter find each element's text (tracking strings, escapes and bracket
+    depth, without recursion: any depth) and decode each alone.  There, a NUL character (never
+    valid in JSON text) is kept as the four characters ``\\x00``, as PostgreSQL text cannot hold
+    NUL.  ``NaN`` and ``Infinity`` are accepted as numbers here (Python's decoder): the store's
+    own classification of the raw text decides about them.
+
+    Raises ValueError when the body itself is not an array of elements (not JSON at the top, an
+    array that does not end, data after it): then no element can be told apart.
     """
+    text = decode_body(body) if isinstance(body, bytes) else body
+    try:
+        items = _split(text)
+    except (ValueError, RecursionError):
+        items = _split_leniently(text.replace("\x00", "\\x00"))
+    if not all(isinstance(message, dict) for message, _ in items):
+        items = [(message if isinstance(message, dict) else placeholder(), raw) for message, raw in items]
+    return items
+
+
+def _split(text: str) -> list[tuple[Any, str]]:
+    """The normal path: the whole body with the C decoder."""
     def skip(pos: int) -> int:
         return _WHITESPACE.match(text, pos).end()
 
-    items: list[Message] = []
+    items: list[tuple[Any, str]] = []
     pos = skip(0)
     if text.startswith("{", pos):  # the spec lets a server send one message bare
         message, end = _DECODER.raw_decode(text, pos)
@@ -162,8 +225,62 @@ def split_messages(text: str) -> list[Message]:
                 raise ValueError(f"expected ',' or ']' at offset {pos}")
     if skip(pos) != len(text):
         raise ValueError(f"unexpected data at offset {pos}")
-    if not all(isinstance(message, dict) for message, _ in items):
-        raise ValueError("a message is not a JSON object")
+    return items
+
+
+def _element_end(text: str, pos: int) -> int:
+    """The offset of the ``,`` or ``]`` that ends the array element starting at ``pos`` (outside
+    strings, at depth 0), or ``len(text)`` when the text ends first.  Iterative, so any depth;
+    brackets are counted, not matched ("[}" closes as well: that element then fails to decode)."""
+    depth = 0
+    while True:
+        found = (_INNER if depth else _TOP).search(text, pos)
+        if found is None:
+            return len(text)
+        char, pos = found.group(), found.end()
+        if char == '"':
+            rest = _STRING_REST.match(text, pos)
+            if rest is None:
+                return len(text)  # a string that does not end
+            pos = rest.end()
+        elif char in "[{":
+            depth += 1
+        elif depth:
+            depth -= 1
+        elif char != "}":  # "," or "]" at depth 0; a stray "}" there is part of a broken element
+            return found.start()
+
+
+def _decode_element(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return placeholder()
+
+
+def _split_leniently(text: str) -> list[tuple[Any, str]]:
+    """The fallback: each element's text found without decoding, then decoded alone."""
+    def skip(pos: int) -> int:
+        return _WHITESPACE.match(text, pos).end()
+
+    pos = skip(0)
+    if text.startswith("{", pos):  # a bare message that does not decode: the whole text is it
+        raw = text[pos:].rstrip(" \t\n\r")
+        return [(_decode_element(raw), raw)]
+    if not text.startswith("[", pos):
+        raise ValueError("the response is not a JSON array")
+    items: list[tuple[Any, str]] = []
+    pos = skip(pos + 1)
+    while not text.startswith("]", pos):
+        end = _element_end(text, pos)
+        if end == len(text):
+            raise ValueError(f"the response's array does not end (element at offset {pos})")
+        raw = text[pos:end].rstrip(" \t\n\r")
+        if raw:  # nothing between two commas: nothing to keep
+            items.append((_decode_element(raw), raw))
+        pos = end if text[end] == "]" else skip(end + 1)
+    if skip(pos + 1) != len(text):
+        raise ValueError(f"unexpected data at offset {pos + 1}")
     return items
 
 
@@ -252,6 +369,7 @@ class BayeuxClient:
         self._stopping = asyncio.Event()
         self._waiting = False     # the loop is in an HTTP request, where stop() may cut in
         self._answered_at = 0.0   # loop time the last response ended
+        self._unreadable = 0      # unreadable responses in a row
 
     @property
     def where(self) -> str:
@@ -420,7 +538,9 @@ class BayeuxClient:
             if self.advice.reconnect == "none":
                 raise BayeuxError(f"handshake refused: {reply.get('error')}")
             raise _Retry(f"handshake unsuccessful: {reply.get('error')}")
-        self.client_id = str(reply["clientId"])
+        if not isinstance(reply.get("clientId"), str) or not reply["clientId"]:
+            raise _Retry(f"handshake reply without a clientId: {str(reply)[:200]}")
+        self.client_id = reply["clientId"]
         ext = reply.get("ext")
         ack = ext.get("ack") if isinstance(ext, dict) else None
         # "true", or {"enabled": true, "batch": N} (Java AcknowledgedMessagesSessionExtension with
@@ -481,7 +601,12 @@ class BayeuxClient:
         advice of the replies and return the reply to each message."""
         if self._stopping.is_set():
             raise _Stopped
-        received = await self._post(list(messages), timeout or self.network_delay)
+        try:
+            received = await self._post(list(messages), timeout or self.network_delay)
+        except _Unreadable as exc:
+            await self._unreadable_again(messages[0]["channel"], exc)
+            raise
+        self._unreadable = 0
         replies = []
         for message in messages:
             reply = next((m for m, _ in received if m.get("channel") == message["channel"]
@@ -557,9 +682,24 @@ class BayeuxClient:
                 raise _Retry(f"HTTP {status}", answered=True)
             raise BayeuxError(f"HTTP {status} from {self._where}: {text[:200]}")
         try:
-            return split_messages(body.decode("utf-8"))  # JSON is UTF-8 (RFC 8259)
+            return split_messages(body)  # never fails for a message: see split_messages
         except ValueError as exc:
-            raise _Retry(f"unreadable response: {exc}") from exc
+            raise _Unreadable(f"unreadable response: {exc}", decode_body(body).replace("\x00", "\\x00")) from exc
+
+    async def _unreadable_again(self, channel: str, exc: _Unreadable) -> None:
+        """Count an unreadable response; at the UNREADABLE_LIMIT-th in a row, give the session
+        up: with the ack extension the server would send the same batch (and so, most likely,
+        the same unreadable body) again forever.  The body of a connect in a started session is
+        handed on first, as one message with the placeholder, so that the store keeps it
+        (quarantined); a new session then starts empty (what the server queued for this one is
+        lost, and "lost" says from when)."""
+        self._unreadable += 1
+        if self._unreadable < UNREADABLE_LIMIT:
+            return
+        if channel == "/meta/connect" and self._started and exc.text.strip(" \t\n\r"):
+            await self._deliver([(placeholder(), exc.text)], None)
+        self._unreadable = 0
+        raise _Rehandshake(f"{UNREADABLE_LIMIT} unreadable responses in a row, the last: {exc}") from exc
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, unless stop() is called first."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +64,23 @@ class SessionStats:
     snapshot_failures: int = 0
     not_durable: int = 0  # batches refused (spool full): not acknowledged
     csrf_fetches: int = 0
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(value: Any) -> Any:
+    """``value`` with every string (keys too) made storable: NUL and unpaired surrogates, which
+    neither UTF-8 nor PostgreSQL text/jsonb can hold, become their escape as visible text
+    (``\\u0000``, ``\\ud800``).  A marker carries what the server said (error text, advice),
+    and a JSON ``\\ud800`` there would otherwise make its row unwritable, forever."""
+    if isinstance(value, str):
+        return _UNSTORABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", value)
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [storable(v) for v in value]
+    return value
 
 
 def _epoch(seconds: float) -> dt.datetime:
@@ -131,15 +149,15 @@ class GwsSession:
         self._next_at = at + rows * dt.timedelta(microseconds=1)
         return at
 
-    async def _write(self, kind: str, texts: list[str], at: dt.datetime, messages=None):
-        entry = Entry(kind, self.source, self.session_id or "", self._stamp(at, len(texts)), texts, messages)
+    async def _write(self, kind: str, texts: list[str], at: dt.datetime):
+        entry = Entry(kind, self.source, self.session_id or "", self._stamp(at, len(texts)), texts)
         return await self.writer.append(entry)
 
     async def _mark(self, event: str, at: float, **fields: Any) -> None:
         marker = {"event": event, "source": self.source, "user": self.config.user, "url": self.client.where,
                   "instance": self.instance, **{k: v for k, v in fields.items() if v is not None}}
         try:
-            await self._write(SESSION, [json.dumps(marker, ensure_ascii=False)], _epoch(at))
+            await self._write(SESSION, [json.dumps(storable(marker), ensure_ascii=False)], _epoch(at))
         except Exception:
             if event == "started":
                 raise  # nothing of the session may be stored before its start is
@@ -192,8 +210,7 @@ class GwsSession:
     async def _on_batch(self, batch: list[tuple[dict, str]]) -> None:
         self.stats.received += len(batch)
         try:
-            await self._write(NOTIFICATION, [raw for _, raw in batch], dt.datetime.now(dt.timezone.utc),
-                                       [message for message, _ in batch])
+            await self._write(NOTIFICATION, [raw for _, raw in batch], dt.datetime.now(dt.timezone.utc))
         except Exception:
             self.stats.not_durable += 1
             raise

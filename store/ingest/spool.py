@@ -25,7 +25,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..db import StoreError
@@ -37,15 +37,13 @@ ENTRIES, DRAINED, SESSIONS, META, LOCK = "entries.jsonl", "drained", "sessions",
 @dataclass
 class Entry:
     """What a live session hands to the log, whole: one batch of notifications, a session
-    marker or a snapshot.  ``texts`` are the payloads, exactly as received; ``messages`` their
-    parsed values (notifications only, when at hand; not spooled)."""
+    marker or a snapshot.  ``texts`` are the payloads, exactly as received."""
 
     kind: str
     source: str
     session: str
     received_at: dt.datetime
     texts: list[str]
-    messages: list | None = field(default=None, repr=False)
 
     def to_line(self) -> str:
         return json.dumps({"kind": self.kind, "source": self.source, "session": self.session,

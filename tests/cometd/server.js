@@ -94,6 +94,21 @@
 //   Revoked removes it; other notifications (Error, ...) change nothing.  Errors: HTTP status
 //   with {"statusCode": 1|3|4|6|20, "statusMessage"} ("Return Values" codes).
 //
+// Raw text (POST /control/publish with "raw"): what the Bayeux client must survive, sent exactly.
+// The message published carries a token string as its data, so the library queues, batches,
+// acknowledges and sends it again like any message; when a response body is written, the token's
+// JSON string (or, "as": "message", the whole {channel, data} object holding it) is replaced by
+// the raw text or bytes.  The control log shows the body before that (the token), so it stays
+// JSON.  Which real behaviour each poison copies:
+// * what a real server does send: Java CometD serialises the data a publisher gave it (Jetty's
+//   JSON or Jackson, as configured), and JSON lets any string through an escape, so an escaped
+//   lone surrogate ("\ud800"), "\u0000", ids of thousands of characters, huge arrays, 1e300
+//   reach a client as valid JSON a GWS service could well emit;
+// * what it should never send, but a faulty or hostile server, or a proxy in between, could:
+//   bare NaN / Infinity (not JSON), nesting 100,000 levels deep, an element that is not an object
+//   (42, "text"), bytes that are not UTF-8.  No claim that GWS sends these; the client must
+//   survive them all the same.
+
 // ------------------------------------------------------------------------------------------------
 // Control API (JSON in, JSON out; POST with a JSON body, GET without):
 //   GET  /control/ping                 -> {"ok": true}
@@ -107,6 +122,11 @@
 //        "user": to every live session of that login subscribed to the channel (or a wildcard
 //        of it), one batch each; none: the messages are lost (counted).  Feeds the workitems.
 //        "to": to that session (404 if unknown).  Neither: publish on the channel (broadcast).
+//        Instead of "data", "raw": [text...] publishes poison as it would reach a client: each text
+//        goes into the response body exactly as given, never parsed or re-serialised (see "Raw
+//        text" below); "as": "data" (default) makes each text the `data` value of a delivery
+//        {channel, data: <text>}, "message" makes it a whole element of the response array;
+//        "encoding": "base64" gives each text as the base64 of its bytes (any bytes: not UTF-8).
 //   POST /control/configure {"user", "ack"?: "on"|"object"|"off", "java402"?: bool}
 //        -> {"user", "ack", "java402"}; for sessions that handshake with that login from now on
 //        (java402: for every later 402 to that login).  GET -> {login: {"ack", "java402"}}
@@ -194,6 +214,7 @@ const workitems = new Map();      // login -> Map id -> resource
 const workitemFailures = new Map();  // login -> {status, count, statusMessage}
 const adviceOverrides = new Map();
 const dropNext = new Set();
+const rawTexts = new Map();       // token -> {bytes: Buffer, as: "data" | "message"} (see "Raw text")
 const java402Clients = new Set();
 const log = [];
 const csrf = {enabled: false, token: null, fetches: 0, refused: 0};
@@ -479,7 +500,8 @@ function bayeux(request, response, content) {
             response.socket.destroy();
             return response;
         }
-        return end(body, ...rest);
+        const bytes = withRawTexts(text);
+        return bytes === null ? end(body, ...rest) : end(bytes, ...rest.filter(r => typeof r !== 'string'));
     };
     request.body = messages;
     cometd.handle(request, response);
@@ -492,9 +514,47 @@ function subscribedTo(session, channelName) {
     return session.subscriptions.some(c => names.has(c.name));
 }
 
+// The body as bytes, with each token of "raw" publishing replaced by its raw text (see "Raw text");
+// null when it holds none.
+function withRawTexts(text) {
+    if (!rawTexts.size || !text.includes('"@@raw-')) {
+        return null;
+    }
+    const parts = [];
+    let last = 0;
+    // A token as a data value: its JSON string; as a message: the flat {channel, data} holding it.
+    const tokens = /\{[^{}]*"(@@raw-\d+-[0-9a-f]+@@)"[^{}]*\}|"(@@raw-\d+-[0-9a-f]+@@)"/g;
+    for (const match of text.matchAll(tokens)) {
+        const raw = rawTexts.get(match[1] || match[2]);
+        if (!raw) {
+            continue;
+        }
+        let start = match.index;
+        let stop = match.index + match[0].length;
+        if (match[1] && raw.as !== 'message') {  // the whole object matched, only its data is raw
+            start = text.indexOf(`"${match[1]}"`, start);
+            stop = start + match[1].length + 2;
+        }
+        parts.push(Buffer.from(text.slice(last, start), 'utf8'), raw.bytes);
+        last = stop;
+    }
+    parts.push(Buffer.from(text.slice(last), 'utf8'));
+    return Buffer.concat(parts);
+}
+
+function rawData(body) {
+    const texts = Array.isArray(body.raw) ? body.raw : [];
+    return texts.map(t => {
+        const token = `@@raw-${rawTexts.size + 1}-${crypto.randomBytes(4).toString('hex')}@@`;
+        rawTexts.set(token, {bytes: Buffer.from(String(t), body.encoding === 'base64' ? 'base64' : 'utf8'),
+                             as: body.as === 'message' ? 'message' : 'data'});
+        return token;
+    });
+}
+
 function publish(body, reply) {
     const channelName = body.channel;
-    const data = Array.isArray(body.data) ? body.data : [];
+    const data = body.raw !== undefined ? rawData(body) : Array.isArray(body.data) ? body.data : [];
     if (typeof channelName !== 'string' || !/^\/[^/*]+(\/[^/*]+)*$/.test(channelName) || channelName.startsWith('/meta/')) {
         return reply(400, {error: 'a channel is needed'});
     }
