@@ -247,7 +247,7 @@ def _parse(line: str, envelopes: bool) -> Notification:
         if payload is None:
             return _parse_line_exactly(line, envelopes)
         return _envelope(line, parsed, payload)
-    return classify(line, parsed)
+    return classify(line, parsed, depth_checked=not envelopes)
 
 
 def _last_value_text(line: str, key: str, value: Any) -> str | None:
@@ -282,7 +282,7 @@ def _parse_line_exactly(line: str, envelopes: bool) -> Notification:
     if envelopes and "received_at" in values and ("message" in values or "line" in values):
         payload = line[spans["message"][1] : spans["message"][2]] if "message" in spans else None
         return _envelope(line, values, payload)
-    return classify(line, values)
+    return classify(line, values, depth_checked=not envelopes)
 
 
 def _envelope(line: str, envelope: dict, payload: str | None) -> Notification:
@@ -309,7 +309,8 @@ def _envelope(line: str, envelope: dict, payload: str | None) -> Notification:
             return unreadable(line, f"envelope of kind {kind} has no line string", received_at, source)
         return replace(classify_record(kind, envelope["line"], session), received_at=received_at, source=source)
     if payload is not None:
-        return classify(payload, envelope["message"], received_at, source, session)
+        # (The line passed MAX_DEPTH + 1, so its message is within MAX_DEPTH.)
+        return classify(payload, envelope["message"], received_at, source, session, depth_checked=True)
     if not isinstance(envelope["line"], str):
         return unreadable(line, "envelope line is not a string", received_at, source)
     # An exported row whose payload was a whole input line (not JSON, or a broken envelope).
@@ -381,11 +382,12 @@ def decode_text(raw: bytes) -> tuple[str, str | None]:
     return text, None
 
 
-def classify(payload: str, message: Any, received_at=None, source=None, session=None) -> Notification:
+def classify(payload: str, message: Any, received_at=None, source=None, session=None, *,
+             depth_checked: bool = False) -> Notification:
     """Apply the quarantine rules to a parsed message (see docs/RULES.md)."""
     if not isinstance(message, dict):
         return replace(unreadable(payload, "message is not a JSON object", received_at, source), session=session)
-    if too_deep(payload):
+    if not depth_checked and too_deep(payload):
         return replace(unreadable(payload, TOO_DEEP, received_at, source), session=session)
     channel = as_text(message.get("channel"))
     message_id = as_text(message.get("id"))

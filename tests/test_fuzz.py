@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 
+import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import func, select
@@ -21,8 +22,9 @@ from fuzz_inputs import categories, hostile_lines, is_blank
 from helpers import feed, fresh_url
 from store import log
 from store.cli import main
-from store.db import open_store, write_transaction
+from store.db import StoreError, open_store, write_transaction
 from store.export import export_lines
+from store.ingest.config import SessionConfig
 from store.ingest.files import decode_line
 from store.ingest.spool import Entry
 from store.ingest.writer import notifications_of
@@ -138,3 +140,13 @@ def test_a_value_too_large_for_jsonb_is_stored_degraded_on_both_engines(engine, 
     assert rows["big"].capabilities is None  # more than 10,000 entries: not a capabilities list
     assert rows["small"].state == "Processing"
     _assert_verifies(engine)
+
+
+def test_a_source_too_long_to_index_is_refused_before_anything_is_stored(tmp_path):
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"data": {}}\n')
+    result = run("import", path, "--source", "s" * 600, "--db", url, ok=False)
+    assert "longer than 512 bytes" in result.output and "Traceback" not in result.output
+    with pytest.raises(StoreError, match="longer than 256 bytes"):
+        SessionConfig("https://gws.example", "u" * 300, "secret")

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..db import StoreError
+from ..notifications import MAX_KEY_BYTES
 
 NOTIFICATIONS_PATH = "/api/v2/notifications"
+MAX_SOURCE_BYTES = 256  # leaves room in a session id for the instance and the session number
 # Keys a session may set in the config file, each also allowed at the top level as the default.
 CONNECTION_KEYS = ("gws_url", "ca_file", "client_cert", "client_key", "proxy", "notifications_path")
 
@@ -37,6 +39,11 @@ class SessionConfig:
     client_key: str | None = None
     proxy: str | None = field(default=None, repr=False)  # may carry credentials
     notifications_path: str = NOTIFICATIONS_PATH
+
+    def __post_init__(self):
+        if len(self.source_name.encode("utf-8", "surrogatepass")) > MAX_SOURCE_BYTES:
+            raise StoreError(f"source {self.source_name[:40]!r}... is longer than {MAX_SOURCE_BYTES} bytes "
+                             f"(a session id, <instance>/<source>/<n>, must stay within {MAX_KEY_BYTES})")
 
     @property
     def source_name(self) -> str:
