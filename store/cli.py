@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from . import audit, db, export, status as status_mod, verify as verify_mod
+from . import audit, db, export, output, status as status_mod, verify as verify_mod
 from .ingest import files
 from .projections import runner
 from .simulate import FORMATS, simulate as simulate_lines
@@ -37,7 +37,7 @@ def _errors():
     try:
         yield
     except db.StoreError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(output.safe_text(exc)) from exc
 
 
 def _engine():
@@ -45,8 +45,26 @@ def _engine():
 
 
 def _query_engine():
-    """For commands that only read: a SQLite file is opened read-only (and must exist)."""
+    """For commands that only read: an existing store (never created here); a SQLite file is
+    opened read-only."""
     return db.open_reader(click.get_current_context().obj)
+
+
+class _Utf8Text(click.ParamType):
+    """Text that the store can hold: an argument whose bytes are not UTF-8 (Python keeps them
+    as lone surrogates) is a usage error, not a traceback from the database driver."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            self.fail(f"{output.safe_text(ascii(value))} is not UTF-8 text (the store holds only UTF-8)", param, ctx)
+        return value
+
+
+UTF8_TEXT = _Utf8Text()
 
 
 def _progress_bar(total: int | None, unit: str, desc: str):
@@ -85,8 +103,10 @@ def main(ctx, db_url):
 def init():
     """Create the schema, or upgrade it to the newest revision (alembic).
 
-    Every other command creates the schema in an empty database by itself; init is needed
-    only to upgrade a database made by an older version.
+    The commands that write (import, ingest, project, rebuild, demo) create the schema in an
+    empty database by themselves; init is needed to upgrade a database made by an older
+    version, or to create an empty store.  Commands that only read (status, verify, history,
+    state, export, query) never create one: they refuse a database that is no store.
 
     \b
     Example:
@@ -152,11 +172,11 @@ def _import_one(engine, path: str, source: str | None, again: bool) -> files.Imp
 
 def _print_import(result: files.ImportResult) -> None:
     seqs = f" (seq {result.first_seq}-{result.last_seq})" if result.first_seq else ""
-    click.echo(f"{result.file_name}: {result.appended} appended{seqs}, "
+    click.echo(f"{output.safe_text(result.file_name)}: {result.appended} appended{seqs}, "
                f"{result.duplicates} duplicate, {result.quarantined} quarantined"
                + (f", {result.blank} blank lines skipped" if result.blank else ""))
     for reason, n in sorted(result.reasons.items(), key=lambda kv: -kv[1]):
-        click.echo(f"  quarantined {n}: {reason}")
+        click.echo(f"  quarantined {n}: {output.safe_text(reason)}")
 
 
 def _project_progress(desc: str):
@@ -402,13 +422,17 @@ def status(as_json):
         f" ({e['kinds']['notification']} notifications, {e['kinds']['session']} session markers, "
         f"{e['kinds']['snapshot']} snapshots of live ingest)")
     click.echo(f"event_log: {e['rows']} rows{records}, {e['duplicates']} duplicate, {e['quarantined']} quarantined")
-    click.echo(f"chain head: seq {e['head_seq']} {e['chain_head']}")
+    click.echo(output.safe_text(f"chain head: seq {e['head_seq']} {e['chain_head']}"))
     for reason, n in e["quarantine_reasons"].items():
-        click.echo(f"  quarantined {n}: {reason}")
+        click.echo(f"  quarantined {n}: {output.safe_text(reason)}")
     click.echo("tables: " + ", ".join(f"{name} {n}" for name, n in info["tables"].items()))
     for cp in info["checkpoints"]:
         version = "" if cp["version"] in (None, cp["code_version"]) else f" (version {cp['version']}, code has {cp['code_version']}: run project)"
         click.echo(f"checkpoint {cp['projection']}: seq {cp['last_seq']}, lag {cp['lag']}{version}")
+    if info["projection_errors"]:
+        click.echo(f"projection errors: {info['tables']['projection_errors']} log rows skipped, first ones:")
+        for err in info["projection_errors"]:
+            click.echo(output.safe_text(f"  {err['projection']} skipped seq {err['seq']}: {err['error']}"))
 
 
 @main.command()
@@ -419,7 +443,8 @@ def verify(as_json):
 
     Exits 1 on any difference: a broken chain link (first one: seq, expected, found), a row
     whose extracted columns (channel, message_id, ..., reference_id) disagree with its payload,
-    or a projection row that a rebuild from the log would not produce.
+    a projection row that a rebuild from the log would not produce, or projections that lag
+    the log (their checkpoint is not the head: run `project` first).
 
     \b
     Example:
@@ -432,35 +457,51 @@ def verify(as_json):
                     "chain_head": report.head_hash,
                     "chain_break": vars(report.chain_break) if report.chain_break else None,
                     "column_mismatch": vars(report.column_mismatch) if report.column_mismatch else None,
-                    "differences": report.differences})
+                    "differences": report.differences, "lagging": report.lagging})
     else:
         brk = report.chain_break
         if brk:
-            click.echo(f"chain BROKEN at seq {brk.seq}: {brk.what} expected {brk.expected}, found {brk.found}")
+            click.echo(output.safe_text(f"chain BROKEN at seq {brk.seq}: {brk.what} expected {brk.expected}, "
+                                        f"found {brk.found}"))
         else:
-            click.echo(f"chain ok: {report.rows} rows, head seq {report.head_seq} {report.head_hash}")
+            click.echo(output.safe_text(f"chain ok: {report.rows} rows, head seq {report.head_seq} {report.head_hash}"))
         bad = report.column_mismatch
         if bad:
-            click.echo(f"event_log column {bad.what} at seq {bad.seq} DISAGREES with the payload: "
-                       f"expected {bad.expected}, found {bad.found}")
+            click.echo(output.safe_text(f"event_log column {bad.what} at seq {bad.seq} DISAGREES with the payload: "
+                                        f"expected {bad.expected}, found {bad.found}"))
         for table, diff in report.differences.items():
             click.echo(f"{table} DIFFERS from a rebuild at seq {diff['checkpoint']}: "
                        f"{diff['missing']} rows missing, {diff['unexpected']} unexpected")
             for kind in ("missing", "unexpected"):
                 for example in diff[f"{kind}_examples"]:
-                    click.echo(f"  {kind}: {example}")
+                    click.echo(output.safe_text(f"  {kind}: {example}"))
+        for name, seq in report.lagging.items():
+            click.echo(f"{name} LAGS the log: checkpoint seq {seq}, log head seq {report.log_head_seq} "
+                       "(run `workitem-store project`)")
         if not report.differences:
-            click.echo("projections ok: equal to a rebuild from the log")
+            click.echo("projections ok: equal to a rebuild from the log" +
+                       (" at their checkpoints" if report.lagging else ""))
     sys.exit(0 if report.ok else 1)
 
 
+OUTPUT_HELP = ("File to write (default: standard output).  It is written whole or not at all (a temporary "
+               "file renamed over it when complete); never the store itself, nor any other SQLite database "
+               "unless --force.")
+FORCE_HELP = "Overwrite an existing SQLite database file given as -o (never the store itself)."
+
+
+def _output_file(path: str, force: bool):
+    """atomic_output for -o: never over the store of this command (--db), nor unforced over any SQLite file."""
+    return output.atomic_output(path, force, output.store_files(click.get_current_context().obj))
+
+
 @main.command("export")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default="-",
-              help="File to write (default: standard output).")
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), default="-", help=OUTPUT_HELP)
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--after-seq", type=click.IntRange(min=0), default=0, help="Only rows with seq greater than this.")
 @click.option("--upto-seq", type=click.IntRange(min=0), default=None, help="Only rows with seq up to this.")
 @db_option
-def export_(output, after_seq, upto_seq):
+def export_(output_path, force, after_seq, upto_seq):
     """Write the log as envelope lines in seq order; importing them into an empty database
     reproduces the log (same seq, received_at, source, payload, hashes) and the projections.
 
@@ -468,7 +509,7 @@ def export_(output, after_seq, upto_seq):
     Example:
       workitem-store export -o backup.jsonl
     """
-    with db.snapshot(_query_engine()) as conn, click.open_file(output, "w", encoding="utf-8") as out:
+    with _output_file(output_path, force) as out, db.snapshot(_query_engine()) as conn:
         for line in export.export_lines(conn, after_seq, upto_seq):
             out.write(line + "\n")
 
@@ -489,9 +530,9 @@ def export_(output, after_seq, upto_seq):
               help="Share of messages delivered twice.")
 @click.option("--noise-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Share of lines that must be quarantined (other topics, missing ids, broken JSON).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default="-",
-              help="File to write (default: standard output).")
-def simulate(events, agents, seed, start, fmt, error_rate, duplicate_rate, noise_rate, output):
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), default="-", help=OUTPUT_HELP)
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def simulate(events, agents, seed, start, fmt, error_rate, duplicate_rate, noise_rate, output_path, force):
     """Write a realistic, seeded notification stream as JSONL.
 
     Workitems go Invited -> Processing -> Completed with capability changes, user data updates
@@ -509,7 +550,7 @@ def simulate(events, agents, seed, start, fmt, error_rate, duplicate_rate, noise
         raise click.BadParameter(str(exc), param_hint="--start") from exc
     lines = simulate_lines(events, agents=agents, seed=seed, fmt=fmt, start=first, error_rate=error_rate,
                            duplicate_rate=duplicate_rate, noise_rate=noise_rate)
-    with click.open_file(output, "w", encoding="utf-8") as out:
+    with _errors(), _output_file(output_path, force) as out:
         for line in lines:
             out.write(line + "\n")
 
@@ -607,28 +648,47 @@ def simulate_server(port, agents, password_env, rate, events, csrf, seed, ack, j
         asyncio.run(serve())
 
 
+CSV_HELP = ("Print CSV.  A text cell starting with =, +, -, @, tab or carriage return gets a ' in front "
+            "(OWASP rule against spreadsheet formula injection); numbers are left as they are.")
+RAW_CSV_HELP = "Print CSV with every cell as stored, without that ' (implies --csv)."
+
+
+def _raw_csv_option(command):
+    return click.option("--raw-csv", is_flag=True, help=RAW_CSV_HELP)(command)
+
+
 def _output_options(command):
-    command = click.option("--csv", "fmt", flag_value="csv", help="Print CSV.")(command)
+    command = _raw_csv_option(command)
+    command = click.option("--csv", "fmt", flag_value="csv", help=CSV_HELP)(command)
     command = click.option("--json", "fmt", flag_value="json", help="Print JSON.")(command)
     return command
 
 
-def _emit_rows(rows: list[dict], fmt: str | None, table_rows=None, columns=None) -> None:
-    """rows as JSON, CSV, or (default) a table for reading on a terminal."""
+def _emit_rows(rows: list[dict], fmt: str | None, table_rows=None, columns=None, raw_csv: bool = False) -> None:
+    """rows as JSON, CSV (formula-like cells neutralised unless raw_csv), or (default) a table for
+    reading on a terminal (control characters shown escaped)."""
+    if raw_csv:
+        if fmt == "json":
+            raise click.UsageError("--raw-csv is for CSV output, not --json")
+        fmt = "csv"
     if fmt == "json":
         _echo_json(rows)
     elif fmt == "csv":
         import csv
 
-        writer = csv.DictWriter(sys.stdout, fieldnames=columns or (list(rows[0]) if rows else []))
-        writer.writeheader()
+        cell = (lambda v: v) if raw_csv else output.csv_cell
+        header = columns or (list(rows[0]) if rows else [])
+        writer = csv.writer(sys.stdout)
+        writer.writerow([cell(k) for k in header])
         for row in rows:
-            writer.writerow({k: json.dumps(v, default=str) if isinstance(v, (dict, list)) else v
-                             for k, v in row.items()})
+            writer.writerow([cell(json.dumps(v, default=str) if isinstance(v, (dict, list)) else v)
+                             for v in (row.get(k) for k in header)])
     else:
         from tabulate import tabulate
 
-        click.echo(tabulate(table_rows if table_rows is not None else rows, headers="keys"))
+        table = table_rows if table_rows is not None else rows
+        click.echo(tabulate([{output.safe_text(k): output.safe_cell(v) for k, v in row.items()} for row in table],
+                            headers="keys"))
 
 
 def _compact(value) -> str:
@@ -636,10 +696,10 @@ def _compact(value) -> str:
 
 
 @main.command()
-@click.argument("workitem_id")
+@click.argument("workitem_id", type=UTF8_TEXT)
 @_output_options
 @db_option
-def history(workitem_id, fmt):
+def history(workitem_id, fmt, raw_csv):
     """The full audit trail of one workitem, from the log alone.
 
     Every log row about it, duplicates and quarantined rows included: seq, received_at, source,
@@ -664,16 +724,16 @@ def history(workitem_id, fmt):
         "error": " ".join(str(v) for v in (e["error_code"], e["error_message"]) if v is not None),
         "userData": _compact(e["user_data_changes"]),
     } for e in trail]
-    _emit_rows(trail, fmt, table)
+    _emit_rows(trail, fmt, table, raw_csv=raw_csv)
 
 
 @main.command()
-@click.argument("workitem_id")
+@click.argument("workitem_id", type=UTF8_TEXT)
 @click.option("--as-of", "as_of", metavar="TIMESTAMP", help="ISO-8601 instant (UTC unless it has an offset).")
 @click.option("--seq", type=click.IntRange(min=0), help="Log position: the log cut at this seq.")
 @_output_options
 @db_option
-def state(workitem_id, as_of, seq, fmt):
+def state(workitem_id, as_of, seq, fmt, raw_csv):
     """A workitem as it stood at a moment (--as-of) or log position (--seq), from the log alone.
 
     Replays the log rows about the workitem with the projections' rules: the same row the
@@ -697,33 +757,71 @@ def state(workitem_id, as_of, seq, fmt):
     if found is None:
         when = f"at seq {seq}" if seq is not None else f"as of {at.isoformat()}"
         raise click.ClickException(f"workitem {workitem_id!r} was not known {when}")
-    if fmt:
-        _emit_rows([found], fmt)
+    if fmt or raw_csv:
+        _emit_rows([found], fmt, raw_csv=raw_csv)
     else:
         from tabulate import tabulate
 
-        click.echo(tabulate([(k, _compact(v) if isinstance(v, (dict, list)) else v) for k, v in found.items()],
-                            headers=["column", "value"]))
+        click.echo(tabulate([(output.safe_text(k), output.safe_cell(_compact(v) if isinstance(v, (dict, list)) else v))
+                             for k, v in found.items()], headers=["column", "value"]))
 
 
 @main.command()
 @click.argument("sql")
-@click.option("--csv", "fmt", flag_value="csv", help="Print CSV.")
+@click.option("--csv", "fmt", flag_value="csv", help=CSV_HELP)
+@_raw_csv_option
 @click.option("--json", "fmt", flag_value="json", help="Print a JSON array of objects.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True,
+              metavar="SECONDS", help="Cancel the query after this many seconds.")
+@click.option("--as", "as_role", metavar="ROLE", help="PostgreSQL: connect as ROLE instead of the --db URL's "
+                                                      "user (same server and database).")
+@click.option("--password-env", metavar="VAR", help="With --as: environment variable holding ROLE's password "
+                                                     "(without it: none, e.g. trust or peer authentication).")
 @db_option
-def query(sql, fmt):
+def query(sql, fmt, raw_csv, timeout, as_role, password_env):
     """Run one read-only SQL query and print its rows (a table, --csv or --json).
 
-    SQLite files are opened read-only: a query cannot change the store.  On a SQLite file the
-    same is also at hand with sqlite-utils, e.g. `sqlite-utils query workitems.db "..." --csv`.
+    The SQL may come from anyone: on both engines it can only read, and it is cancelled after
+    --timeout seconds.  SQLite: the file is opened read-only, and ATTACH, DETACH, PRAGMAs that
+    write, creating, altering or dropping anything (TEMP objects and virtual tables too),
+    writes, transactions and the functions load_extension, readfile, writefile, edit and
+    fts3_tokenizer are refused.  PostgreSQL: the query is one statement in a read-only
+    transaction, and it runs only as a role that can do nothing but read (a read-only
+    transaction does not stop a superuser reading the server's files): refused are a
+    superuser or CREATEROLE role, a member of pg_read_server_files, pg_write_server_files,
+    pg_execute_server_program, pg_signal_backend or pg_write_all_data, and a role that owns
+    or may write any table or view, or may CREATE in the database or one of its schemas, or
+    create temporary tables.  `workitem-store grant-readonly ROLE --login` (run by the store's
+    owner) makes a role that passes; connect as it with --as ROLE or a --db URL naming it.
+
+    On a SQLite file the same is also at hand with sqlite-utils, e.g. `sqlite-utils query
+    workitems.db "..." --csv` (without these fences).
 
     \b
     Example:
       workitem-store query "SELECT state, COUNT(*) AS n FROM workitems GROUP BY state" --csv
+      workitem-store query "SELECT * FROM request_outcome_summary" --as analyst \\
+          --db postgresql://postgres@db:5432/workitems
     """
-    with db.snapshot(_query_engine()) as conn:
-        columns, rows = db.run_sql(conn, sql)
-    _emit_rows([dict(zip(columns, row, strict=True)) for row in rows], fmt, columns=columns)
+    import os
+
+    target = click.get_current_context().obj
+    if as_role:
+        password = None
+        if password_env:
+            password = os.environ.get(password_env)
+            if not password:
+                raise click.ClickException(f"environment variable {password_env} is not set or empty")
+        target = db.url_as(target, as_role, password)
+    elif password_env:
+        raise click.UsageError("--password-env goes with --as ROLE")
+    engine = db.open_reader(target)
+    try:
+        with db.snapshot(engine) as conn:
+            columns, rows = db.run_query(conn, sql, timeout=timeout)
+    finally:
+        engine.dispose()
+    _emit_rows([dict(zip(columns, row, strict=True)) for row in rows], fmt, columns=columns, raw_csv=raw_csv)
 
 
 @main.command("grant-readonly")
@@ -732,18 +830,37 @@ def query(sql, fmt):
                                                      "(the role can then log in).")
 @click.option("--login", is_flag=True, help="Let the role log in (implied by --password-env); "
                                             "otherwise a new role cannot and an existing one keeps what it had.")
-@click.option("--with-log", is_flag=True, help="Also let the role read event_log and imported_files "
-                                                "(auditors running history/state/verify need them).")
+@click.option("--with-log", is_flag=True, help="Also let the role read event_log, imported_files and "
+                                                "projection_errors (auditors running history/state/verify/"
+                                                "status need them).")
+@click.option("--keep-connect", metavar="PATTERN", multiple=True,
+              help="Leave CONNECT on the other databases whose name matches PATTERN (shell-style, e.g. "
+                   "postgres or 'reports_*') as it is: the role may still connect to them.  Repeatable.")
 @db_option
-def grant_readonly(role, password_env, login, with_log):
+def grant_readonly(role, password_env, login, with_log, keep_connect):
     """PostgreSQL: create (or update) ROLE that can only SELECT the projections and views.
 
-    For SQLite there is nothing to grant: query commands open the file read-only.
+    The role gets CONNECT on the store's database, USAGE on schema public and SELECT on the
+    projections, the views, projection_checkpoints and alembic_version (event_log,
+    imported_files and projection_errors too with --with-log), nothing else; it is
+    NOSUPERUSER NOCREATEDB NOCREATEROLE: a role that `query` accepts.
+
+    PostgreSQL lets every role (PUBLIC) create temporary tables in, and connect to, any new
+    database.  So that ROLE can do neither, this also changes what other roles may do, and
+    prints each change: TEMPORARY on the store's database is revoked from PUBLIC (its owner
+    and superusers keep it), and CONNECT on every other database ROLE could connect to is
+    revoked from PUBLIC and from ROLE, except those matching --keep-connect.  Other roles that
+    use those databases then need CONNECT granted by name.  A database created later gives
+    PUBLIC CONNECT again: run this command again then.  Only a database's owner or a
+    superuser can revoke on it: what could not be revoked is printed as a warning.
+
+    For SQLite there is nothing to grant: query opens the file read-only and refuses anything
+    but reading.
 
     \b
     Example:
       ANALYST_PW=... workitem-store grant-readonly analyst --password-env ANALYST_PW \\
-          --db postgresql://postgres@db:5432/workitems
+          --db postgresql://postgres@db:5432/workitems --keep-connect postgres
     """
     import os
 
@@ -752,11 +869,27 @@ def grant_readonly(role, password_env, login, with_log):
         password = os.environ.get(password_env)
         if not password:
             raise click.ClickException(f"environment variable {password_env} is not set or empty")
-    engine = _engine()
-    if engine.dialect.name != "postgresql":
+    engine = db.open_engine(click.get_current_context().obj)
+    if engine.dialect.name != "postgresql":  # before anything is created at a SQLite path
         raise click.ClickException("grant-readonly is for PostgreSQL; SQLite query commands open the file read-only")
-    granted = db.grant_readonly(engine, role, password=password, login=login, with_log=with_log)
-    click.echo(f"role {role} may SELECT: {', '.join(granted)}; it cannot write")
+    db.ensure_schema(engine)
+    g = db.grant_readonly(engine, role, password=password, login=login, with_log=with_log,
+                          keep_connect=keep_connect)
+    click.echo(f"role {role} may SELECT: {', '.join(g.relations)}; it cannot write")
+    if g.temp_revoked:
+        click.echo(f"revoked TEMPORARY on database {g.database} from PUBLIC: only its owner and superusers "
+                   "can create temporary tables there now")
+    if g.connect_revoked:
+        click.echo(f"revoked CONNECT from PUBLIC and from {role} on database(s) {', '.join(g.connect_revoked)}: "
+                   "only their owners, superusers and roles granted CONNECT by name can connect to them now")
+    if g.kept:
+        click.echo(f"{role} can still connect to (--keep-connect): {', '.join(g.kept)}")
+    if g.not_revoked:
+        click.echo(f"warning: {role} can still connect to {', '.join(g.not_revoked)}: only a database's owner "
+                   "or a superuser can revoke CONNECT on it", err=True)
+    if g.can_temp:
+        click.echo(f"warning: {role} can still create temporary tables in {g.database} (only its owner or a "
+                   "superuser can revoke TEMPORARY on it): `query` will refuse the role", err=True)
 
 
 DEMO_QUERIES = {
@@ -847,7 +980,7 @@ def demo(seconds, agents, rate):
         for title, sql in DEMO_QUERIES.items():
             click.echo(f"\n-- {title}\n{sql};")
             for row in conn.execute(text(sql)):
-                click.echo("   " + " | ".join("" if v is None else str(v) for v in row))
+                click.echo("   " + " | ".join("" if v is None else output.safe_text(v) for v in row))
     shell = f"sqlite3 {engine.url.database}" if engine.dialect.name == "sqlite" else "psql"
     click.echo(f"\nQuery it yourself with {shell} (every table: docs/SQL.md), or run `workitem-store status`.")
 

@@ -641,7 +641,8 @@ def test_query_cannot_change_a_sqlite_store(sqlite_store):
     assert row_count(str(sqlite_store), "workitems") == 2
     for sql in WRITES:
         result = run("query", sql, "--db", sqlite_store, ok=False)
-        assert result.exit_code == 1 and "readonly" in result.output, (sql, result.output)
+        # Refused by query's authorizer before it runs (the file is open read-only besides).
+        assert result.exit_code == 1 and "is refused by `query`" in result.output, (sql, result.output)
     assert row_count(str(sqlite_store), "workitems") == 2
     assert file_digest(sqlite_store) == before
 
@@ -659,8 +660,21 @@ def test_reading_commands_leave_a_sqlite_store_unchanged(sqlite_store, tmp_path)
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == len(TRAIL_LINES)
 
 
-def test_query_selects_as_table_csv_and_json(db_url):
+@pytest.fixture
+def query_url(db_url, request):
+    """Where `query` runs on db_url: the SQLite file itself; on PostgreSQL the URL of a
+    grant-readonly role (`query` refuses db_url's superuser)."""
+    if kind_of(db_url) == "sqlite":
+        return db_url
+    roles = request.getfixturevalue("roles")
+    role = roles.new()
+    run("grant-readonly", "--keep-connect", "*", role, "--login", "--with-log", "--db", db_url)
+    return roles.url_of(role)
+
+
+def test_query_selects_as_table_csv_and_json(db_url, query_url):
     load_store(db_url, TRAIL_LINES)
+    db_url = query_url
     sql = "SELECT workitem_id, state, notification_count FROM workitems ORDER BY workitem_id"
     assert json.loads(run("query", sql, "--json", "--db", db_url).stdout) == [
         {"workitem_id": "W1", "state": "Completed", "notification_count": 6},
@@ -673,27 +687,30 @@ def test_query_selects_as_table_csv_and_json(db_url):
     assert [line.split() for line in table[2:]] == [["W1", "Completed", "6"], ["W2", "Invited", "1"]]
 
 
-def test_query_keeps_colon_and_percent_literals(db_url):
+def test_query_keeps_colon_and_percent_literals(db_url, query_url):
     load_store(db_url, TRAIL_LINES)
+    db_url = query_url
     sql = ("SELECT 'a:b' AS colon, ':name' AS named, '100%' AS pct, '%s %(x)s' AS formats, COUNT(*) AS n "
            "FROM event_log WHERE source LIKE 'agent-%' AND payload LIKE '%\"referenceId\": %'")
     assert json.loads(run("query", sql, "--json", "--db", db_url).stdout) == [
         {"colon": "a:b", "named": ":name", "pct": "100%", "formats": "%s %(x)s", "n": 11}]
 
 
-def test_query_runs_in_a_read_only_transaction(db_url):
+def test_query_runs_in_a_read_only_transaction(db_url, query_url):
     load_store(db_url, TRAIL_LINES)
     for sql in ("DELETE FROM workitems", "UPDATE workitems SET state = 'Gone'"):
-        result = run("query", sql, "--db", db_url, ok=False)
+        result = run("query", sql, "--db", query_url, ok=False)
         assert result.exit_code == 1 and "Traceback" not in result.output
     assert row_count(db_url, "workitems") == 2
 
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("escape", ["COMMIT; ", "SET TRANSACTION READ WRITE; "])
-def test_query_cannot_leave_the_read_only_transaction_on_postgresql(pg_url, escape):
+def test_query_cannot_leave_the_read_only_transaction_on_postgresql(pg_url, roles, escape):
     load_store(pg_url, TRAIL_LINES)
-    result = run("query", escape + "DELETE FROM workitems", "--db", pg_url, ok=None)
+    role = roles.new()
+    run("grant-readonly", "--keep-connect", "*", role, "--login", "--db", pg_url)
+    result = run("query", escape + "DELETE FROM workitems", "--db", roles.url_of(role), ok=None)
     assert row_count(pg_url, "workitems") == 2
     assert result.exit_code != 0
 
@@ -795,7 +812,7 @@ def snapshot_counts(url: str) -> dict[str, int]:
 def test_grant_readonly_role_can_only_select_projections_and_views(pg_url, roles):
     load_store(pg_url, TRAIL_LINES)
     role = roles.new()
-    result = run("grant-readonly", role, "--login", "--db", pg_url)
+    result = run("grant-readonly", "--keep-connect", "*", role, "--login", "--db", pg_url)
     assert f"role {role} may SELECT" in result.output and "event_log" not in result.output
     attributes = role_attributes(pg_url, role)
     assert (attributes.rolcanlogin, attributes.rolsuper, attributes.rolcreatedb, attributes.rolcreaterole) == (
@@ -827,7 +844,7 @@ def test_grant_readonly_role_can_only_select_projections_and_views(pg_url, roles
 def test_grant_readonly_with_log_lets_the_role_audit(pg_url, roles):
     load_store(pg_url, TRAIL_LINES)
     role = roles.new()
-    result = run("grant-readonly", role, "--login", "--with-log", "--db", pg_url)
+    result = run("grant-readonly", "--keep-connect", "*", role, "--login", "--with-log", "--db", pg_url)
     assert "event_log" in result.output and "imported_files" in result.output
     url = roles.url_of(role)
     entries = json.loads(run("history", "W1", "--json", "--db", url).stdout)
@@ -844,7 +861,7 @@ def test_grant_readonly_with_log_lets_the_role_audit(pg_url, roles):
         assert attempt(analyst, sql) is not None, sql
     assert snapshot_counts(pg_url) == counts
     # Granting again without --with-log takes the log away.
-    run("grant-readonly", role, "--db", pg_url)
+    run("grant-readonly", "--keep-connect", "*", role, "--db", pg_url)
     assert attempt(analyst, "SELECT COUNT(*) FROM event_log") is not None
     assert attempt(analyst, "SELECT COUNT(*) FROM workitems") is None
     run("history", "W1", "--db", url, ok=False)
@@ -854,19 +871,19 @@ def test_grant_readonly_with_log_lets_the_role_audit(pg_url, roles):
 def test_grant_readonly_login_and_password(pg_url, roles, pg_admin):
     load_store(pg_url, TRAIL_LINES[:2])
     plain = roles.new()
-    run("grant-readonly", plain, "--db", pg_url)
+    run("grant-readonly", "--keep-connect", "*", plain, "--db", pg_url)
     assert role_attributes(pg_url, plain).rolcanlogin is False  # a new role without --login cannot log in
     with pytest.raises(DBAPIError):
         with roles.engine(plain).connect():
             pass
-    run("grant-readonly", plain, "--login", "--db", pg_url)
+    run("grant-readonly", "--keep-connect", "*", plain, "--login", "--db", pg_url)
     assert role_attributes(pg_url, plain).rolcanlogin is True
-    run("grant-readonly", plain, "--db", pg_url)
+    run("grant-readonly", "--keep-connect", "*", plain, "--db", pg_url)
     assert role_attributes(pg_url, plain).rolcanlogin is True  # an existing role keeps what it had
 
     secret = "s3cr'et pw"
     with_password = roles.new()
-    result = run("grant-readonly", with_password, "--password-env", "ANALYST_PW", "--db", pg_url,
+    result = run("grant-readonly", "--keep-connect", "*", with_password, "--password-env", "ANALYST_PW", "--db", pg_url,
                  env={"ANALYST_PW": secret})
     assert secret not in result.output
     attributes = role_attributes(pg_url, with_password)
@@ -874,14 +891,14 @@ def test_grant_readonly_login_and_password(pg_url, roles, pg_admin):
     assert attempt(roles.engine(with_password), "SELECT COUNT(*) FROM workitems") is None
 
     missing = roles.new()
-    result = run("grant-readonly", missing, "--password-env", "NO_SUCH_VAR_WIS", "--db", pg_url,
+    result = run("grant-readonly", "--keep-connect", "*", missing, "--password-env", "NO_SUCH_VAR_WIS", "--db", pg_url,
                  env={"NO_SUCH_VAR_WIS": None}, ok=False)
     assert result.exit_code == 1 and "NO_SUCH_VAR_WIS" in result.output
     assert role_attributes(pg_url, missing) is None
 
 
 def test_grant_readonly_refuses_sqlite(tmp_path):
-    result = run("grant-readonly", "analyst", "--login", "--db", tmp_path / "s.db", ok=False)
+    result = run("grant-readonly", "--keep-connect", "*", "analyst", "--login", "--db", tmp_path / "s.db", ok=False)
     assert result.exit_code == 1 and "PostgreSQL" in result.output
 
 

@@ -26,7 +26,7 @@ import pytest
 from sqlalchemy import select, text
 
 from store.cli import main as cli_main
-from store.db import open_store
+from store.db import grant_readonly, open_store
 from store.ingest.files import import_lines
 from store.projections import runner
 from store import schema
@@ -155,12 +155,22 @@ def demo_store(request, tmp_path_factory):
     # the snapshot read when it came back.
     import_lines(engine, live_capture(), source="live", file_name="live.jsonl")
     runner.project(engine)
+    if dropped:
+        # `query` runs only as a role that can just read (on this database alone: no other
+        # database of the shared cluster is touched).
+        grant_readonly(engine, reader_of(engine), login=True, with_log=True, keep_connect=("*",))
     yield engine
     engine.dispose()
     if dropped:
         admin, name = dropped
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f'DROP ROLE IF EXISTS "{reader_of(engine)}"'))
+
+
+def reader_of(engine) -> str:
+    """The grant-readonly role of a PostgreSQL demo store."""
+    return f"{engine.url.database}_reader"
 
 
 @pytest.mark.parametrize("demo_store, block", CASES, indirect=["demo_store"])
@@ -191,7 +201,8 @@ def test_sql_example_runs_through_query_command(demo_store, block: SqlBlock):
     from click.testing import CliRunner
 
     url = demo_store.url.render_as_string(hide_password=False)
-    result = CliRunner().invoke(cli_main, ["query", block.sql, "--json", "--db", url])
+    as_reader = ["--as", reader_of(demo_store)] if demo_store.dialect.name == "postgresql" else []
+    result = CliRunner().invoke(cli_main, ["query", block.sql, "--json", "--db", url, *as_reader])
     assert result.exit_code == 0, (
         f"docs/SQL.md line {block.line} ({block.heading}) fails through `workitem-store query` on "
         f"{demo_store.dialect.name}: {result.output or result.exception!r}")
@@ -293,6 +304,7 @@ def test_sql_md_names_each_writer():
         "capability_history": "store/projections/capabilities.py",
         "request_outcomes": "store/projections/requests.py",
         "projection_checkpoints": "store/projections/runner.py",
+        "projection_errors": "store/projections/runner.py",
     }
     assert set(writers) == set(metadata.tables)
     for table, module in writers.items():

@@ -256,3 +256,12 @@ def test_safe_text():
     assert safe_text("a\x00b\x1b[0m\x7f\x85\x9f\t\n\r") == r"a\x00b\x1b[0m\x7f\x85\x9f\t\n\r"
     assert safe_text("plain ünïcode €") == "plain ünïcode €"
     assert safe_text(42) == "42"
+
+
+@pytest.mark.parametrize("command", ["history", "state"])
+def test_an_id_argument_that_is_not_utf8_is_a_usage_error(command, tmp_path):
+    # A raw byte 0x9B on the command line reaches Python as a lone surrogate (surrogateescape).
+    extra = ["--seq", "1"] if command == "state" else []
+    result = CliRunner().invoke(main, [command, "w\udc9b", "--db", str(tmp_path / "none.db"), *extra])
+    assert result.exit_code == 2 and "is not UTF-8 text" in result.output
+    assert "Traceback" not in result.output
