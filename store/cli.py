@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from . import audit, db, export, output, status as status_mod, verify as verify_mod
+from . import audit, db, export, output, query as query_mod, status as status_mod, verify as verify_mod
 from .ingest import files
 from .projections import runner
 from .simulate import FORMATS, simulate as simulate_lines
@@ -812,13 +812,13 @@ def query(sql, fmt, raw_csv, timeout, as_role, password_env):
             password = os.environ.get(password_env)
             if not password:
                 raise click.ClickException(f"environment variable {password_env} is not set or empty")
-        target = db.url_as(target, as_role, password)
+        target = query_mod.url_as(target, as_role, password)
     elif password_env:
         raise click.UsageError("--password-env goes with --as ROLE")
     engine = db.open_reader(target)
     try:
         with db.snapshot(engine) as conn:
-            columns, rows = db.run_query(conn, sql, timeout=timeout)
+            columns, rows = query_mod.run_query(conn, sql, timeout=timeout)
     finally:
         engine.dispose()
     _emit_rows([dict(zip(columns, row, strict=True)) for row in rows], fmt, columns=columns, raw_csv=raw_csv)
@@ -873,7 +873,7 @@ def grant_readonly(role, password_env, login, with_log, keep_connect):
     if engine.dialect.name != "postgresql":  # before anything is created at a SQLite path
         raise click.ClickException("grant-readonly is for PostgreSQL; SQLite query commands open the file read-only")
     db.ensure_schema(engine)
-    g = db.grant_readonly(engine, role, password=password, login=login, with_log=with_log,
+    g = query_mod.grant_readonly(engine, role, password=password, login=login, with_log=with_log,
                           keep_connect=keep_connect)
     click.echo(f"role {role} may SELECT: {', '.join(g.relations)}; it cannot write")
     if g.temp_revoked:

@@ -26,7 +26,8 @@ import pytest
 from sqlalchemy import select, text
 
 from store.cli import main as cli_main
-from store.db import grant_readonly, open_store
+from store.db import open_store
+from store.query import grant_readonly
 from store.ingest.files import import_lines
 from store.projections import runner
 from store import schema
