@@ -9,10 +9,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import Connection, select, tuple_
+from sqlalchemy import Connection, select
 
 from .log import SNAPSHOT_EVENT, Event, event_from_row
 from .notifications import NOTIFICATION, SNAPSHOT, as_text
+from .projections.base import select_in
 from .projections.capabilities import CapabilityHistory
 from .projections.requests import RequestOutcomes
 from .projections.workitems import Workitems
@@ -39,9 +40,7 @@ def _rows_about(conn: Connection, workitem_id: str, upto_seq: int | None = None)
     own = conn.execute(query.where(c.workitem_id == workitem_id)).all()
     snapshots = conn.execute(query.where(c.kind != NOTIFICATION, c.kind == SNAPSHOT)).all()
     keys = sorted({(r.source, r.reference_id) for r in own if r.reference_id is not None})
-    request_rows = []
-    for i in range(0, len(keys), 500):
-        request_rows += conn.execute(query.where(tuple_(c.source, c.reference_id).in_(keys[i : i + 500]))).all()
+    request_rows = list(select_in(conn, query, [c.source, c.reference_id], keys))
     request_rows.sort(key=lambda r: r.seq)
     trail = sorted(own + snapshots + [r for r in request_rows if r.workitem_id is None], key=lambda r: r.seq)
     return trail, request_rows

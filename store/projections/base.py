@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-from sqlalchemy import Connection, Table, tuple_
+from sqlalchemy import Connection, Table
 
 from ..log import SNAPSHOT_EVENT, Event
 
@@ -83,8 +83,21 @@ class Projection:
 
 
 def select_in(conn: Connection, query, columns, keys: Iterable) -> Iterable:
-    """Run ``query`` restricted to ``columns`` IN ``keys`` (chunked), yielding rows."""
-    keys = list(keys)
-    target = columns[0] if len(columns) == 1 else tuple_(*columns)
-    for i in range(0, len(keys), IN_CHUNK):
-        yield from conn.execute(query.where(target.in_(keys[i : i + IN_CHUNK])))
+    """Run ``query`` restricted to rows whose ``columns`` (one or two) equal one of ``keys``
+    (chunked), yielding rows.
+
+    Two-column keys are asked as ``a = ? AND b IN (...)``, once per distinct ``a``: both engines
+    then walk the (a, b) index.  A row-value ``(a, b) IN (...)`` made SQLite scan the whole
+    table for every batch, which made incremental projection quadratic in the log.
+    """
+    if len(columns) == 1:
+        groups = {(): list(keys)}
+    else:
+        groups = {}
+        for a, b in keys:
+            groups.setdefault((a,), []).append(b)
+    *fixed, target = columns
+    for values, in_list in groups.items():
+        where = [column == value for column, value in zip(fixed, values, strict=True)]
+        for i in range(0, len(in_list), IN_CHUNK):
+            yield from conn.execute(query.where(*where, target.in_(in_list[i : i + IN_CHUNK])))

@@ -29,17 +29,13 @@ class WorkitemTransitions(Projection):
         return event.workitem_id
 
     def load(self, conn, keys):
-        # The state now is the to_state of each workitem's latest transition.
-        latest = (
-            select(transitions.c.workitem_id, func.max(transitions.c.seq).label("seq"))
-            .group_by(transitions.c.workitem_id)
-        )
-        found = {}
-        for wid, seq in select_in(conn, latest, [transitions.c.workitem_id], keys):
-            found[wid] = seq
-        query = select(transitions.c.workitem_id, transitions.c.to_state)
-        for wid, state in select_in(conn, query, [transitions.c.workitem_id, transitions.c.seq],
-                                    list(found.items())):
+        # The state now is the to_state of each workitem's latest transition (one index seek
+        # per workitem: the subquery reads the last (workitem_id, seq) entry of the key).
+        other = transitions.alias()
+        latest = select(func.max(other.c.seq)).where(other.c.workitem_id == transitions.c.workitem_id)
+        query = select(transitions.c.workitem_id, transitions.c.to_state).where(
+            transitions.c.seq == latest.scalar_subquery())
+        for wid, state in select_in(conn, query, [transitions.c.workitem_id], keys):
             self.state[wid] = state
         for wid in keys:
             self.state.setdefault(wid, None)
