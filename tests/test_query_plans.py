@@ -1,8 +1,8 @@
 """Per-key lookups walk an index on both engines: a plan regression fails here, not in a
 user's week-long import.
 
-An incremental ``project`` and ``history`` run on a store with some history, with every SELECT
-they send recorded; each is then EXPLAINed.  SQLite must not SCAN a table (only SEARCH it, by
+An import (with duplicates), an incremental ``project``, ``history`` and ``state`` run on a
+store with some history, with every SELECT they send recorded; each is then EXPLAINed.  SQLite must not SCAN a table (only SEARCH it, by
 an index or the rowid); PostgreSQL, with sequential scans made unattractive (the tables are
 small), must not need one.
 """
@@ -60,7 +60,7 @@ def _scans(engine, statements) -> list[str]:
     return bad
 
 
-def test_incremental_projection_and_history_walk_indexes(engine):
+def test_import_projection_history_and_state_walk_indexes(engine):
     lines = list(simulate(3000, agents=5))
     feed(engine, lines[:2000])
     runner.project(engine)
@@ -68,8 +68,10 @@ def test_incremental_projection_and_history_walk_indexes(engine):
     with engine.connect() as conn:
         workitem = conn.execute(text("SELECT workitem_id FROM workitems ORDER BY last_seq DESC LIMIT 1")).scalar_one()
     with recorded_selects(engine) as statements:
+        feed(engine, lines[2000:] + lines[:50], file_name="again")  # duplicates among them
         runner.project(engine)
         with engine.connect() as conn:
             assert audit.history(conn, workitem)
+            assert audit.state(conn, workitem, upto_seq=2500) is not None
     assert len(statements) > 5
     assert _scans(engine, statements) == []
