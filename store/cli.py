@@ -803,16 +803,11 @@ def query(sql, fmt, raw_csv, timeout, as_role, password_env):
       workitem-store query "SELECT * FROM request_outcome_summary" --as analyst \\
           --db postgresql://postgres@db:5432/workitems
     """
-    import os
+    from .ingest.config import password_from_env
 
     target = click.get_current_context().obj
     if as_role:
-        password = None
-        if password_env:
-            password = os.environ.get(password_env)
-            if not password:
-                raise click.ClickException(f"environment variable {password_env} is not set or empty")
-        target = query_mod.url_as(target, as_role, password)
+        target = query_mod.url_as(target, as_role, password_from_env(password_env) if password_env else None)
     elif password_env:
         raise click.UsageError("--password-env goes with --as ROLE")
     engine = db.open_reader(target)
@@ -862,13 +857,9 @@ def grant_readonly(role, password_env, login, with_log, keep_connect):
       ANALYST_PW=... workitem-store grant-readonly analyst --password-env ANALYST_PW \\
           --db postgresql://postgres@db:5432/workitems --keep-connect postgres
     """
-    import os
+    from .ingest.config import password_from_env
 
-    password = None
-    if password_env:
-        password = os.environ.get(password_env)
-        if not password:
-            raise click.ClickException(f"environment variable {password_env} is not set or empty")
+    password = password_from_env(password_env) if password_env else None
     engine = db.open_engine(click.get_current_context().obj)
     if engine.dialect.name != "postgresql":  # before anything is created at a SQLite path
         raise click.ClickException("grant-readonly is for PostgreSQL; SQLite query commands open the file read-only")

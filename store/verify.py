@@ -107,12 +107,18 @@ def _canonical(row: dict, columns: list[str], json_columns: set[str]) -> tuple:
     return tuple(_json_text(row[c]) if c in json_columns and row[c] is not None else row[c] for c in columns)
 
 
-def compare_projections(conn: Connection, report: VerifyReport, examples: int = 3) -> None:
-    """Compare every projection table with rows recomputed from the log at its checkpoint."""
+def _checkpoints(conn: Connection) -> dict[str, int]:
+    """Each projection's checkpoint (0 when it has none)."""
     stored = dict(conn.execute(select(projection_checkpoints.c.projection, projection_checkpoints.c.last_seq)).all())
+    return {cls.name: stored.get(cls.name, 0) for cls in PROJECTIONS}
+
+
+def compare_projections(conn: Connection, report: VerifyReport, checkpoints: dict[str, int],
+                        examples: int = 3) -> None:
+    """Compare every projection table with rows recomputed from the log at its checkpoint."""
     computed: dict[int, dict[str, list[dict]]] = {}
     for cls in PROJECTIONS:
-        upto = stored.get(cls.name, 0)
+        upto = checkpoints[cls.name]
         if upto not in computed:
             computed[upto] = compute(conn, upto)
         columns = [col.name for col in cls.table.columns]
@@ -131,19 +137,17 @@ def compare_projections(conn: Connection, report: VerifyReport, examples: int = 
             }
 
 
-def check_lag(conn: Connection, report: VerifyReport) -> None:
+def check_lag(conn: Connection, report: VerifyReport, checkpoints: dict[str, int]) -> None:
     """Projections whose checkpoint is not the log's head."""
-    stored = dict(conn.execute(select(projection_checkpoints.c.projection, projection_checkpoints.c.last_seq)).all())
     report.log_head_seq = head(conn)[0]
-    for cls in PROJECTIONS:
-        if stored.get(cls.name, 0) != report.log_head_seq:
-            report.lagging[cls.name] = stored.get(cls.name, 0)
+    report.lagging = {name: seq for name, seq in checkpoints.items() if seq != report.log_head_seq}
 
 
 def verify(conn: Connection) -> VerifyReport:
     report = VerifyReport()
     with collections_postponed():  # millions of small acyclic objects, as in rebuild
         verify_chain(conn, report)
-        check_lag(conn, report)
-        compare_projections(conn, report)
+        checkpoints = _checkpoints(conn)
+        check_lag(conn, report, checkpoints)
+        compare_projections(conn, report, checkpoints)
     return report

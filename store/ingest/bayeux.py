@@ -53,6 +53,8 @@ from typing import Any, Self
 import aiohttp
 from yarl import URL
 
+from ..notifications import decode_text
+
 log = logging.getLogger(__name__)
 
 Message = tuple[dict[str, Any], str]
@@ -161,11 +163,9 @@ def decode_body(body: bytes) -> str:
     nothing: each byte that is not is kept as the four characters ``\\xNN`` (backslashreplace),
     so the text is still storable.  ``\\x`` is no JSON escape, so a message holding such a byte is
     no longer valid JSON: it is handed on with the placeholder and stored quarantined, with its
-    text as received but for those bytes (its ``raw_text.encode()`` is then not its bytes)."""
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError:
-        return body.decode("utf-8", "backslashreplace")
+    text as received but for those bytes (its ``raw_text.encode()`` is then not its bytes).
+    A NUL (never valid in JSON text) is kept as the four characters ``\x00``, as for a file line."""
+    return decode_text(body)[0]
 
 
 def split_messages(body: str | bytes) -> list[Message]:
@@ -684,7 +684,7 @@ class BayeuxClient:
         try:
             return split_messages(body)  # never fails for a message: see split_messages
         except ValueError as exc:
-            raise _Unreadable(f"unreadable response: {exc}", decode_body(body).replace("\x00", "\\x00")) from exc
+            raise _Unreadable(f"unreadable response: {exc}", decode_body(body)) from exc
 
     async def _unreadable_again(self, channel: str, exc: _Unreadable) -> None:
         """Count an unreadable response; at the UNREADABLE_LIMIT-th in a row, give the session

@@ -29,7 +29,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from ..notifications import NOTIFICATION, SESSION, SNAPSHOT, decode_text, epoch_text
+from ..notifications import NOTIFICATION, SESSION, SNAPSHOT, UNSTORABLE_CHARS, decode_text, epoch_text
 from .bayeux import BayeuxClient, SessionEvent, basic_authorization, request_options, tls_problem
 from .config import SessionConfig
 from .spool import Entry
@@ -66,16 +65,13 @@ class SessionStats:
     csrf_fetches: int = 0
 
 
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-
-
 def storable(value: Any) -> Any:
     """``value`` with every string (keys too) made storable: NUL and unpaired surrogates, which
     neither UTF-8 nor PostgreSQL text/jsonb can hold, become their escape as visible text
     (``\\u0000``, ``\\ud800``).  A marker carries what the server said (error text, advice),
     and a JSON ``\\ud800`` there would otherwise make its row unwritable, forever."""
     if isinstance(value, str):
-        return _UNSTORABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", value)
+        return UNSTORABLE_CHARS.sub(lambda m: f"\\u{ord(m.group()):04x}", value)
     if isinstance(value, dict):
         return {storable(k): storable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
