@@ -190,10 +190,10 @@ def test_published_to_a_user_without_session_is_lost(cometd):
 
     nobody, before, somebody, elsewhere, during, cid, recorder = run(main())
     assert nobody == {"published": 2, "sessions": []}
-    assert before == {"sessions": [], "published": 2, "lost": 2, "acked": {}}
+    assert before == {"sessions": [], "subscribed": [], "published": 2, "lost": 2, "acked": {}}
     assert somebody == {"published": 1, "sessions": [cid]} and elsewhere["sessions"] == []
     assert recorder.refs() == [2]  # the later session never gets what was published before it
-    assert during == {"sessions": [cid], "published": 3, "lost": 2, "acked": {cid: [notification(2)]}}
+    assert during == {"sessions": [cid], "subscribed": [cid], "published": 3, "lost": 2, "acked": {cid: [notification(2)]}}
 
 
 def test_unacknowledged_messages_die_with_their_session(cometd):

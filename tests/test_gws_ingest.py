@@ -96,10 +96,11 @@ async def wait_rows(engine, count: int, what: str = "notifications in the log", 
 
 
 async def subscribed(control: Control, names: list[str], deadline: float = DEADLINE) -> dict[str, str]:
-    """Each user's live session id, once every one of them has one."""
+    """Each user's live session id, once every one of them has one subscribed (a session that has
+    handshaken but whose subscribe is still on its way receives nothing published meanwhile)."""
     async def probe():
         state = await control.users()
-        live = {u: state.get(u, {}).get("sessions") for u in names}
+        live = {u: state.get(u, {}).get("subscribed") for u in names}
         return {u: s[0] for u, s in live.items()} if all(live.values()) else None
     return await eventually(probe, "every session to subscribe", deadline)
 

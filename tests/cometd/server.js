@@ -130,7 +130,8 @@
 //   POST /control/configure {"user", "ack"?: "on"|"object"|"off", "java402"?: bool}
 //        -> {"user", "ack", "java402"}; for sessions that handshake with that login from now on
 //        (java402: for every later 402 to that login).  GET -> {login: {"ack", "java402"}}
-//   GET  /control/users                -> {login: {"sessions": [live clientIds], "published": n,
+//   GET  /control/users                -> {login: {"sessions": [live clientIds], "subscribed": [those
+//        of them subscribed to a channel: only these receive what is published], "published": n,
 //        "lost": n (published while no session of it was subscribed), "acked": {clientId:
 //        [data acknowledged, in order]}}}   (acked: from the connects' ext.ack numbers and the
 //        batches the connect replies carried; observation only)
@@ -589,7 +590,7 @@ function users() {
     const result = {};
     const of = name => {
         if (!result[name]) {
-            result[name] = {sessions: [], published: 0, lost: 0, acked: {}};
+            result[name] = {sessions: [], subscribed: [], published: 0, lost: 0, acked: {}};
         }
         return result[name];
     };
@@ -601,6 +602,9 @@ function users() {
         const user = sessionInfo.get(id).user;
         if (user) {
             of(user).sessions.push(id);
+            if (sessions.get(id).subscriptions.some(c => !c.meta)) {
+                of(user).subscribed.push(id);
+            }
         }
     }
     return result;
