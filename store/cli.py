@@ -443,8 +443,9 @@ def verify(as_json):
 
     Exits 1 on any difference: a broken chain link (first one: seq, expected, found), a row
     whose extracted columns (channel, message_id, ..., reference_id) disagree with its payload,
-    a projection row that a rebuild from the log would not produce, or projections that lag
-    the log (their checkpoint is not the head: run `project` first).
+    a projection row that a rebuild from the log would not produce, projections that lag
+    the log (their checkpoint is not the head: run `project` first), or row counts kept for
+    `status` (table event_log_counts) that disagree with the log.
 
     \b
     Example:
@@ -457,7 +458,8 @@ def verify(as_json):
                     "chain_head": report.head_hash,
                     "chain_break": vars(report.chain_break) if report.chain_break else None,
                     "column_mismatch": vars(report.column_mismatch) if report.column_mismatch else None,
-                    "differences": report.differences, "lagging": report.lagging})
+                    "differences": report.differences, "lagging": report.lagging,
+                    "counts_mismatch": report.counts_mismatch})
     else:
         brk = report.chain_break
         if brk:
@@ -475,6 +477,11 @@ def verify(as_json):
             for kind in ("missing", "unexpected"):
                 for example in diff[f"{kind}_examples"]:
                     click.echo(output.safe_text(f"  {kind}: {example}"))
+        for c in report.counts_mismatch:
+            click.echo(output.safe_text(
+                f"event_log_counts DISAGREES with the log for kind {c['kind']}, quarantine reason "
+                f"{c['quarantine_reason']!r}, duplicate {c['duplicate']}: the log holds {c['counted']} rows, "
+                f"the table says {c['recorded']}"))
         for name, seq in report.lagging.items():
             click.echo(f"{name} LAGS the log: checkpoint seq {seq}, log head seq {report.log_head_seq} "
                        "(run `workitem-store project`)")

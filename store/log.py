@@ -1,6 +1,7 @@
 """The append-only event log: appending batches (seq, duplicates, hash chain) and reading back.
 
-The only writer of ``event_log``.  Rows are never updated or deleted (triggers refuse it).
+The only writer of ``event_log`` and of ``event_log_counts`` (its row counts, added in the same
+transaction).  Rows are never updated or deleted (triggers refuse it).
 """
 
 from __future__ import annotations
@@ -8,15 +9,17 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, and_, func, or_, select, text
+from sqlalchemy.dialects import postgresql, sqlite
 
 from .db import insert_rows
 from .notifications import NOTIFICATION, SESSION, SNAPSHOT, Notification, load_json, parse_timestamp, utc_text
-from .schema import event_log
+from .schema import event_log, event_log_counts
 
 GENESIS_HASH = "0" * 64
 _IN_CHUNK = 900  # parameters per IN (...) list, well under every engine's limit
@@ -267,7 +270,27 @@ def append_batches(conn: Connection, batches: Sequence[Batch],
         results.append(AppendResult(first_seq if count else None, seq if count else None, count, duplicates,
                                     quarantined))
     insert_rows(conn, event_log, rows)
+    _add_counts(conn, rows)
     return results
+
+
+def _add_counts(conn: Connection, rows: list[dict]) -> None:
+    """Add the rows to event_log_counts (one upsert per distinct kind, reason, duplicate)."""
+    counts = Counter((r["kind"], r["quarantine_reason"] or "", r["duplicate_of"] is not None) for r in rows)
+    stmt = (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(event_log_counts)
+    conn.execute(stmt.on_conflict_do_update(
+        index_elements=["kind", "quarantine_reason", "duplicate"],
+        set_={"rows": event_log_counts.c.rows + stmt.excluded.rows},
+    ), [{"kind": kind, "quarantine_reason": reason, "duplicate": duplicate, "rows": n}
+        for (kind, reason, duplicate), n in counts.items()])
+
+
+def counts(conn: Connection) -> list[tuple[str, str | None, bool, int]]:
+    """(kind, quarantine_reason or None, duplicate, rows) for every combination in the log."""
+    c = event_log_counts.c
+    return [(kind, reason or None, bool(duplicate), n)
+            for kind, reason, duplicate, n in conn.execute(select(c.kind, c.quarantine_reason, c.duplicate, c.rows))
+            if n]
 
 
 # -- reading -----------------------------------------------------------------------------------

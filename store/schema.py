@@ -13,6 +13,7 @@ import json
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Float,
     Column,
     DateTime,
@@ -142,6 +143,18 @@ event_log = Table(
           postgresql_where=text("session IS NOT NULL")),  # a live session's rows
     Index(None, "kind", "seq", sqlite_where=text("kind <> 'notification'"),
           postgresql_where=text("kind <> 'notification'")),  # markers and snapshots
+)
+
+# Row counts of event_log by kind, quarantine reason ('' for none) and whether the row is a
+# duplicate, kept by log.py in each append's transaction: `status` reads them instead of
+# counting the log (docs/SQL.md).  verify checks them against the log.
+event_log_counts = Table(
+    "event_log_counts",
+    metadata,
+    Column("kind", Text, primary_key=True),
+    Column("quarantine_reason", Text, primary_key=True),
+    Column("duplicate", Boolean, primary_key=True),
+    Column("rows", BigInteger, nullable=False),
 )
 
 imported_files = Table(

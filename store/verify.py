@@ -10,7 +10,7 @@ from decimal import Decimal
 from sqlalchemy import JSON, Connection, select
 
 from .db import collections_postponed
-from .log import GENESIS_HASH, chain_hash, head, payload_sha256
+from .log import GENESIS_HASH, chain_hash, counts, head, payload_sha256
 from .notifications import EXTRACTED, reclassify
 from .projections import PROJECTIONS
 from .projections.runner import compute
@@ -40,11 +40,14 @@ class VerifyReport:
     # (a store whose projections lag its log does not show what the log holds).
     lagging: dict[str, int] = field(default_factory=dict)
     log_head_seq: int = 0  # the log's last seq (head_seq is the last one verified)
+    # event_log_counts rows that disagree with the log (when the whole chain verified):
+    # [{"kind", "quarantine_reason", "duplicate", "counted": in the log, "recorded": in the table}]
+    counts_mismatch: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return (self.chain_break is None and self.column_mismatch is None and not self.differences
-                and not self.lagging)
+                and not self.lagging and not self.counts_mismatch)
 
 
 def verify_chain(conn: Connection, report: VerifyReport, chunk: int = 10_000) -> None:
@@ -54,11 +57,14 @@ def verify_chain(conn: Connection, report: VerifyReport, chunk: int = 10_000) ->
                     c.duplicate_of, c.quarantine_reason, c.kind, c.session, *(c[name] for name in EXTRACTED))
              .order_by(c.seq).limit(chunk))
     prev, expected_seq = GENESIS_HASH, 1
+    counted: Counter[tuple] = Counter()
     while True:
         rows = conn.execute(query.where(c.seq >= expected_seq)).all()
         if not rows:
+            _check_counts(conn, report, counted)
             return
         for r in rows:
+            counted[r.kind, r.quarantine_reason, r.duplicate_of is not None] += 1
             if r.seq != expected_seq:
                 report.chain_break = ChainBreak(expected_seq, "seq", str(expected_seq), str(r.seq))
                 return
@@ -85,6 +91,18 @@ def verify_chain(conn: Connection, report: VerifyReport, chunk: int = 10_000) ->
                         break
             prev, expected_seq = link, expected_seq + 1
             report.rows, report.head_seq, report.head_hash = report.rows + 1, r.seq, link
+
+
+def _check_counts(conn: Connection, report: VerifyReport, counted: Counter) -> None:
+    """event_log_counts (what ``status`` shows) against the counts of the verified log."""
+    recorded = {(kind, reason, duplicate): n for kind, reason, duplicate, n in counts(conn)}
+    report.counts_mismatch = [
+        {"kind": kind, "quarantine_reason": reason, "duplicate": duplicate,
+         "counted": counted.get(key, 0), "recorded": recorded.get(key, 0)}
+        for key in sorted(counted.keys() | recorded.keys(), key=str)
+        if counted.get(key, 0) != recorded.get(key, 0)
+        for kind, reason, duplicate in [key]
+    ]
 
 
 def _json_text(value) -> str:

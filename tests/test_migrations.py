@@ -5,6 +5,7 @@ The only tests allowed to call ``metadata.create_all`` (to compare it with the m
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from store.db import MIGRATIONS_DIR, StoreError, alembic_config, current_revisio
 from store.schema import metadata
 
 TABLES = {"event_log", "imported_files", "workitems", "workitem_transitions", "capability_history",
-          "request_outcomes", "projection_checkpoints", "projection_errors"}
+          "request_outcomes", "projection_checkpoints", "projection_errors", "event_log_counts"}
 
 
 def _diff(engine) -> list:
@@ -173,7 +174,11 @@ def test_a_store_of_the_previous_version_upgrades_in_place_with_its_chain(db_url
     result = runner.invoke(main, ["project", "--db", db_url])
     assert "-> 530" in result.output, result.output  # (SQLite: "rebuilt ...", the old tables were behind)
     result = runner.invoke(main, ["verify", "--db", db_url])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, result.output  # event_log_counts, filled by 0005, included
+    status = json.loads(runner.invoke(main, ["status", "--db", db_url, "--json"]).output)["event_log"]
+    assert status["rows"] == 530 and status["kinds"]["notification"] == 530
+    assert status["duplicates"] == sum(r["duplicate_of"] is not None for r in old_log)
+    assert status["quarantined"] == sum(r["quarantine_reason"] is not None for r in old_log) > 0
     assert f"head seq 530 {old_log[-1]['chain_hash']}" in result.output
     engine = open_store(db_url)
     with engine.connect() as conn:
