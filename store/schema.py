@@ -24,6 +24,7 @@ from sqlalchemy import (
     Table,
     Text,
     text,
+    true,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator
@@ -167,6 +168,10 @@ imported_files = Table(
     Column("first_seq", BigInteger),
     Column("last_seq", BigInteger),
     Column("imported_at", UTCDateTime, nullable=False),
+    # False while a file imported in several transactions is not all in the log (ingest/files.py);
+    # resume_offset: the bytes of the file that are, where importing it again resumes.
+    Column("complete", Boolean, nullable=False, server_default=true()),
+    Column("resume_offset", BigInteger),
     Index(None, "sha256"),
 )
 

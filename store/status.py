@@ -37,6 +37,9 @@ def status(conn: Connection) -> dict:
               for t in (imported_files, *PROJECTION_TABLES, projection_errors)}
     tables = {"event_log": sum(kinds.values()), **tables}
     errors = conn.execute(select(projection_errors).order_by(projection_errors.c.seq).limit(10)).all()
+    f = imported_files.c
+    incomplete = conn.execute(select(f.file_name, f.sha256, f.rows, f.first_seq, f.last_seq, f.resume_offset)
+                              .where(f.complete.is_(False)).order_by(f.id)).all()
     return {
         "event_log": {"rows": sum(kinds.values()), "duplicates": duplicates, "quarantined": reasons.total(),
                       "kinds": {kind: kinds.get(kind, 0) for kind in KINDS},
@@ -44,6 +47,8 @@ def status(conn: Connection) -> dict:
                       "quarantine_reasons": dict(reasons.most_common(10))},
         "tables": tables,
         "checkpoints": checkpoints,
+        # Files imported in steps whose last step never committed (import them again to resume).
+        "incomplete_imports": [dict(r._mapping) for r in incomplete],
         # The first log rows a projection skipped (all of them: table projection_errors).
         "projection_errors": [{"projection": r.projection, "seq": r.seq, "error": r.error} for r in errors],
     }

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 
-from sqlalchemy import JSON, Connection, select
+from sqlalchemy import JSON, Connection, String, Table, select
 
-from .db import collections_postponed
+from .db import collections_postponed, open_store, write_transaction
 from .log import GENESIS_HASH, chain_hash, counts, head, payload_sha256
 from .notifications import EXTRACTED, reclassify
-from .projections import PROJECTIONS
-from .projections.runner import compute
+from .projections import PROJECTIONS, runner
 from .schema import event_log, projection_checkpoints
 
 
@@ -121,7 +123,7 @@ def _json_text(value) -> str:
     return json.dumps(value)
 
 
-def _canonical(row: dict, columns: list[str], json_columns: set[str]) -> tuple:
+def _canonical(row: Mapping, columns: list[str], json_columns: set[str]) -> tuple:
     return tuple(_json_text(row[c]) if c in json_columns and row[c] is not None else row[c] for c in columns)
 
 
@@ -133,26 +135,72 @@ def _checkpoints(conn: Connection) -> dict[str, int]:
 
 def compare_projections(conn: Connection, report: VerifyReport, checkpoints: dict[str, int],
                         examples: int = 3) -> None:
-    """Compare every projection table with rows recomputed from the log at its checkpoint."""
-    computed: dict[int, dict[str, list[dict]]] = {}
-    for cls in PROJECTIONS:
-        upto = checkpoints[cls.name]
-        if upto not in computed:
-            computed[upto] = compute(conn, upto)
-        columns = [col.name for col in cls.table.columns]
-        json_columns = {col.name for col in cls.table.columns if isinstance(col.type, JSON)}
-        expected = Counter(_canonical(r, columns, json_columns) for r in computed[upto][cls.table.name])
-        found = Counter(_canonical(dict(r._mapping), columns, json_columns) for r in conn.execute(select(cls.table)))
-        missing, unexpected = expected - found, found - expected
-        if missing or unexpected:
-            report.differences[cls.table.name] = {
-                "checkpoint": upto,
-                "missing": sum(missing.values()),
-                "unexpected": sum(unexpected.values()),
-                "missing_examples": [dict(zip(columns, map(str, row), strict=True)) for row in list(missing)[:examples]],
-                "unexpected_examples": [dict(zip(columns, map(str, row), strict=True))
-                                        for row in list(unexpected)[:examples]],
-            }
+    """Compare every projection table with the rows a rebuild from the log gives at its
+    checkpoint.
+
+    The rebuild runs into a scratch SQLite store in a temporary directory ($TMPDIR; it needs
+    about the space of the projection tables), step by step as ``rebuild`` does, so memory does
+    not grow with the log; then each table and its rebuilt twin are read in primary-key order
+    and compared as two sorted streams.
+    """
+    with tempfile.TemporaryDirectory(prefix="workitem-store-verify-") as tmp:
+        scratch = open_store(f"sqlite:///{Path(tmp) / 'rebuilt.db'}")
+        try:
+            reached = 0
+            for upto in sorted(set(checkpoints.values())):
+                with write_transaction(scratch) as rebuilt:
+                    runner.replay(rebuilt, reached, upto, source=conn)
+                reached = upto
+                with scratch.connect() as rebuilt:
+                    for cls in PROJECTIONS:
+                        if checkpoints[cls.name] == upto:
+                            _compare_table(cls.table, _sorted_rows(rebuilt, cls.table), _sorted_rows(conn, cls.table),
+                                           upto, report, examples)
+        finally:
+            scratch.dispose()
+
+
+def _sorted_rows(conn: Connection, table: Table) -> Iterator[tuple[tuple, tuple]]:
+    """(primary key, canonical row) of every row, in primary-key order as Python orders the
+    keys (text by code point: SQLite's BINARY, PostgreSQL's "C" collation), streamed."""
+    columns = [col.name for col in table.columns]
+    json_columns = {col.name for col in table.columns if isinstance(col.type, JSON)}
+    key = [col.name for col in table.primary_key.columns]
+    order = [col.collate("C") if conn.dialect.name == "postgresql" and isinstance(col.type, String) else col
+             for col in table.primary_key.columns]
+    for row in conn.execution_options(yield_per=5000).execute(select(table).order_by(*order)):
+        mapping = row._mapping
+        yield tuple(mapping[k] for k in key), _canonical(mapping, columns, json_columns)
+
+
+def _compare_table(table: Table, expected: Iterator, found: Iterator, checkpoint: int, report: VerifyReport,
+                   examples: int) -> None:
+    """Merge two key-ordered streams of (key, row); a key in both with different rows counts as
+    one row missing and one unexpected."""
+    columns = [col.name for col in table.columns]
+    diff = {"checkpoint": checkpoint, "missing": 0, "unexpected": 0, "missing_examples": [],
+            "unexpected_examples": []}
+
+    def note(kind: str, row: tuple) -> None:
+        diff[kind] += 1
+        if len(diff[f"{kind}_examples"]) < examples:
+            diff[f"{kind}_examples"].append(dict(zip(columns, map(str, row), strict=True)))
+
+    e, f = next(expected, None), next(found, None)
+    while e is not None or f is not None:
+        if f is None or (e is not None and e[0] < f[0]):
+            note("missing", e[1])
+            e = next(expected, None)
+        elif e is None or f[0] < e[0]:
+            note("unexpected", f[1])
+            f = next(found, None)
+        else:
+            if e[1] != f[1]:
+                note("missing", e[1])
+                note("unexpected", f[1])
+            e, f = next(expected, None), next(found, None)
+    if diff["missing"] or diff["unexpected"]:
+        report.differences[table.name] = diff
 
 
 def check_lag(conn: Connection, report: VerifyReport, checkpoints: dict[str, int]) -> None:

@@ -306,6 +306,7 @@ def test_sql_md_names_each_writer():
         "request_outcomes": "store/projections/requests.py",
         "projection_checkpoints": "store/projections/runner.py",
         "projection_errors": "store/projections/runner.py",
+        "event_log_counts": "store/log.py",
     }
     assert set(writers) == set(metadata.tables)
     for table, module in writers.items():

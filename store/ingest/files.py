@@ -1,8 +1,12 @@
 """Importing JSONL files (or standard input) into the event log.
 
-The only writer of ``imported_files``.  A file is imported in one transaction together with its
-``imported_files`` record: it is in the log whole or not at all, so a failed import can simply
-be run again.
+The only writer of ``imported_files``.  A file is imported together with its ``imported_files``
+record.  Up to COMMIT_LINES lines / COMMIT_BYTES bytes that is one transaction: the file is in
+the log whole or not at all.  A larger file commits every COMMIT_LINES lines or COMMIT_BYTES
+bytes, so that the SQLite WAL (and a PostgreSQL transaction) stays bounded; until the last
+step commits, its record says ``complete`` false and ``resume_offset`` (the bytes of the file
+in the log), and importing the same file again resumes there (docs/RULES.md 7).  Standard
+input cannot resume: it is always one transaction.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from ..schema import imported_files
 
 BATCH_LINES = 20_000
 BATCH_BYTES = 64 << 20  # a batch also ends after this many bytes (lines can be 50 MB each)
+COMMIT_LINES = 200_000  # a file's import commits after this many lines (resumable record) ...
+COMMIT_BYTES = 256 << 20  # ... or this many bytes
 BOM = b"\xef\xbb\xbf"
 JSON_WHITESPACE = b" \t\r\n"
 
@@ -40,6 +46,8 @@ class ImportResult:
     first_seq: int | None = None
     last_seq: int | None = None
     reasons: dict[str, int] = field(default_factory=dict)  # quarantine reason -> count
+    resumed_at: int | None = None  # byte offset where this run resumed an incomplete import
+    commits: int = 0  # transactions the import took
 
 
 class AlreadyImported(StoreError):
@@ -73,16 +81,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _refuse_if_imported(conn, sha256: str, file_name: str) -> None:
-    first = conn.execute(
-        select(imported_files).where(imported_files.c.sha256 == sha256).order_by(imported_files.c.id).limit(1)
-    ).first()
-    if first is not None:
-        raise AlreadyImported(
-            f"{file_name} was already imported (same sha256 {sha256[:12]}…) as {first.file_name!r} "
-            f"at {first.imported_at:%Y-%m-%d %H:%M:%S} UTC, {first.rows} rows; "
-            "use --again to import it once more"
-        )
+def _earlier_import(conn, sha256: str, file_name: str, resume: bool):
+    """The incomplete import of this content to resume (when ``resume``), or None; raises
+    AlreadyImported when a complete import of it exists."""
+    rows = conn.execute(select(imported_files).where(imported_files.c.sha256 == sha256)
+                        .order_by(imported_files.c.id)).all()
+    for first in rows:
+        if first.complete:
+            raise AlreadyImported(
+                f"{file_name} was already imported (same sha256 {sha256[:12]}…) as {first.file_name!r} "
+                f"at {first.imported_at:%Y-%m-%d %H:%M:%S} UTC, {first.rows} rows; "
+                "use --again to import it once more")
+    return rows[-1] if rows and resume else None
 
 
 def _batches(stream: BinaryIO, digest) -> Iterator[list[bytes]]:
@@ -99,57 +109,107 @@ def _batches(stream: BinaryIO, digest) -> Iterator[list[bytes]]:
         yield batch
 
 
+class ConcurrentImport(StoreError):
+    pass
+
+
 def import_stream(engine: Engine, stream: BinaryIO, *, file_name: str, source: str,
-                  progress: Callable[[int], None] | None = None,
-                  refuse_sha256: str | None = None) -> ImportResult:
-    """Append every line of ``stream`` in one transaction and record the import.
+                  progress: Callable[[int], None] | None = None, refuse_sha256: str | None = None,
+                  resumable_sha256: str | None = None) -> ImportResult:
+    """Append every line of ``stream`` and record the import (see the module docstring).
 
     Lines without an envelope get ``source`` and the time they were read as ``received_at``.
     ``progress`` is called with the bytes consumed by each batch.  ``refuse_sha256``: raise
     AlreadyImported if a file with that content was imported before (checked with the log's
-    write lock held, so two concurrent imports of one file cannot both pass).
+    write lock held, so two concurrent imports of one file cannot both pass); an incomplete
+    import of it is resumed.  ``resumable_sha256``: the content's sha256, known beforehand, for
+    a seekable stream: the import may then commit in steps (none given: one transaction).
     """
     if too_long(source):
         raise StoreError(f"source {source[:40]!r}... is longer than {MAX_KEY_BYTES} bytes")
     result = ImportResult(file_name)
     digest = hashlib.sha256()
     context = log.AppendContext()
-    with write_transaction(engine) as conn, collections_postponed():
-        if refuse_sha256 is not None:
-            log.lock_for_append(conn)
-            _refuse_if_imported(conn, refuse_sha256, file_name)
-        next_free = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
-        for raw_lines in _batches(stream, digest):
-            # Lines without an envelope: the time of reading, one microsecond apart (log.append),
-            # never reusing an instant of the batch before.
-            received_at = max(dt.datetime.now(dt.timezone.utc), next_free)
-            next_free = received_at + len(raw_lines) * log.MICROSECOND
-            batch = []
-            for raw in raw_lines:
-                n = decode_line(raw)
-                if n is None:
-                    result.blank += 1
-                    continue
-                batch.append(n)
-                if n.quarantine_reason:
-                    reason = n.quarantine_reason.split(":")[0]
-                    result.reasons[reason] = result.reasons.get(reason, 0) + 1
-            appended = log.append(conn, batch, source=source, received_at=received_at, context=context)
-            result.lines += len(batch)
-            result.appended += appended.appended
-            result.duplicates += appended.duplicates
-            result.quarantined += appended.quarantined
-            result.first_seq = result.first_seq or appended.first_seq
-            result.last_seq = appended.last_seq or result.last_seq
-            if progress:
-                progress(sum(map(len, raw_lines)))
-        result.sha256 = digest.hexdigest()
-        conn.execute(imported_files.insert().values(
-            file_name=file_name, sha256=result.sha256, rows=result.appended,
-            first_seq=result.first_seq, last_seq=result.last_seq,
-            imported_at=dt.datetime.now(dt.timezone.utc),
-        ))
-    return result
+    record = None  # this import's imported_files row, once a step committed
+    offset = 0  # bytes of the stream in the log
+    earlier = 0  # rows of the import this one resumes
+    next_free = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+    batches = None
+    with collections_postponed():
+        while True:
+            with write_transaction(engine) as conn:
+                log.lock_for_append(conn)
+                if batches is None:  # the first step: refuse, or resume
+                    if refuse_sha256 is not None:
+                        record = _earlier_import(conn, refuse_sha256, file_name, resumable_sha256 is not None)
+                    if record is not None:
+                        offset = result.resumed_at = record.resume_offset
+                        earlier = record.rows
+                        stream.seek(offset)
+                    batches = _batches(stream, digest)
+                elif conn.execute(select(imported_files.c.resume_offset)
+                                  .where(imported_files.c.id == record.id)).scalar_one() != offset:
+                    raise ConcurrentImport(f"{file_name} is being imported by another process as well: this one "
+                                           f"stopped after {result.commits} committed step(s) and leaves it to "
+                                           "the other (if that one stops too, import the file again to resume)")
+                lines = size = 0
+                finished = True
+                for raw_lines in batches:
+                    # Lines without an envelope: the time of reading, one microsecond apart
+                    # (log.append), never reusing an instant of the batch before.
+                    received_at = max(dt.datetime.now(dt.timezone.utc), next_free)
+                    next_free = received_at + len(raw_lines) * log.MICROSECOND
+                    _append(conn, raw_lines, source, received_at, context, result)
+                    consumed = sum(map(len, raw_lines))
+                    offset, lines, size = offset + consumed, lines + len(raw_lines), size + consumed
+                    if progress:
+                        progress(consumed)
+                    if resumable_sha256 is not None and (lines >= COMMIT_LINES or size >= COMMIT_BYTES):
+                        finished = False
+                        break
+                result.sha256 = resumable_sha256 or digest.hexdigest()
+                record = _record(conn, record, result, earlier, offset, finished)
+                result.commits += 1
+            if finished:
+                return result
+
+
+def _append(conn, raw_lines: list[bytes], source: str, received_at: dt.datetime, context: log.AppendContext,
+            result: ImportResult) -> None:
+    batch = []
+    for raw in raw_lines:
+        n = decode_line(raw)
+        if n is None:
+            result.blank += 1
+            continue
+        batch.append(n)
+        if n.quarantine_reason:
+            reason = n.quarantine_reason.split(":")[0]
+            result.reasons[reason] = result.reasons.get(reason, 0) + 1
+    appended = log.append(conn, batch, source=source, received_at=received_at, context=context)
+    result.lines += len(batch)
+    result.appended += appended.appended
+    result.duplicates += appended.duplicates
+    result.quarantined += appended.quarantined
+    result.first_seq = result.first_seq or appended.first_seq
+    result.last_seq = appended.last_seq or result.last_seq
+
+
+def _record(conn, record, result: ImportResult, earlier: int, offset: int, complete: bool):
+    """Write this import's imported_files row, with the rows and seqs of all its steps (and the
+    ``earlier`` rows of the run it resumes); return it as stored."""
+    c = imported_files.c
+    values = {"file_name": result.file_name, "sha256": result.sha256, "complete": complete,
+              "resume_offset": None if complete else offset, "imported_at": dt.datetime.now(dt.timezone.utc),
+              "rows": earlier + result.appended}
+    if record is None:
+        values |= {"first_seq": result.first_seq, "last_seq": result.last_seq}
+        record_id = conn.execute(imported_files.insert().values(**values)).inserted_primary_key[0]
+    else:
+        values |= {"first_seq": record.first_seq or result.first_seq, "last_seq": result.last_seq or record.last_seq}
+        record_id = record.id
+        conn.execute(imported_files.update().where(c.id == record_id).values(**values))
+    return conn.execute(select(imported_files).where(c.id == record_id)).one()
 
 
 def import_file(engine: Engine, path: Path, *, source: str | None = None, again: bool = False,
@@ -161,7 +221,8 @@ def import_file(engine: Engine, path: Path, *, source: str | None = None, again:
         raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
     with path.open("rb") as stream:
         return import_stream(engine, stream, file_name=path.name, source=source or f"file:{path.name}",
-                             progress=progress, refuse_sha256=None if again else sha256)
+                             progress=progress, refuse_sha256=None if again else sha256,
+                             resumable_sha256=sha256)
 
 
 def import_lines(engine: Engine, lines: Iterable[str], *, source: str, file_name: str = "lines") -> ImportResult:

@@ -53,10 +53,12 @@ def _save_checkpoints(conn: Connection, projections: list[Projection], seq: int)
 
 
 def _run(conn: Connection, projections: list[Projection], after_seq: int, upto_seq: int,
-         progress: Progress | None, head_seq: int) -> int:
+         progress: Progress | None, head_seq: int, source: Connection | None = None) -> int:
+    """Apply the log rows after_seq < seq <= upto_seq (read from ``source``, default ``conn``)
+    to ``projections``, writing to ``conn``; return the events applied."""
     applied = 0
     with collections_postponed():
-        for events in log.read_events(conn, after_seq, upto_seq):
+        for events in log.read_events(source or conn, after_seq, upto_seq):
             for p in projections:
                 p.apply_all(conn, events)
                 p.flush(conn, final=False)
@@ -69,18 +71,30 @@ def _run(conn: Connection, projections: list[Projection], after_seq: int, upto_s
     return applied
 
 
-def _reset(conn: Connection, projections: list[Projection]) -> None:
-    for p in projections:
-        conn.execute(delete(p.table))
+def _step(conn: Connection, after: int, upto: int, progress: Progress | None, head_seq: int,
+          source: Connection | None = None) -> int:
+    """Bring every projection from ``after`` to ``upto`` (their checkpoints included) with fresh
+    state: memory holds one step's keys, whatever the size of the log.  ``after`` 0 means the
+    tables are empty (the state then needs no loads)."""
+    projections = [cls(complete=after == 0) for cls in PROJECTIONS]
+    applied = _run(conn, projections, after, upto, progress, head_seq, source)
+    _save_checkpoints(conn, projections, upto)
+    return applied
+
+
+def _reset(conn: Connection) -> None:
+    for cls in PROJECTIONS:
+        conn.execute(delete(cls.table))
     conn.execute(delete(projection_errors))
 
 
 def project(engine: Engine, progress: Progress | None = None) -> ProjectResult:
     """Apply every log row past the projections' checkpoint; idempotent.
 
-    When a projection's stored version differs from the code's (or the checkpoints disagree),
-    every projection is recomputed from seq 1, together: the workitems projection decides what
-    each snapshot changes for the others (projections/base.py), so they must advance in step.
+    One transaction per TRANSACTION_EVENTS log rows, each with its checkpoint.  When a
+    projection's stored version differs from the code's (or the checkpoints disagree), every
+    projection is recomputed from seq 1, together: the workitems projection decides what each
+    snapshot changes for the others (projections/base.py), so they must advance in step.
     """
     applied, start, rebuilt = 0, None, ()
     while True:
@@ -91,7 +105,7 @@ def project(engine: Engine, progress: Progress | None = None) -> ProjectResult:
             if len({seq for seq, _ in points}) > 1 or any(
                     version != cls.version for (_, version), cls in zip(points, PROJECTIONS)):
                 rebuilt = tuple(cls.name for cls in PROJECTIONS)
-                _reset(conn, [cls(complete=True) for cls in PROJECTIONS])
+                _reset(conn)
                 after = 0
             else:
                 after = points[0][0]
@@ -100,23 +114,32 @@ def project(engine: Engine, progress: Progress | None = None) -> ProjectResult:
                 if rebuilt and after == 0:
                     _save_checkpoints(conn, [cls() for cls in PROJECTIONS], 0)
                 return ProjectResult(applied, start, after, rebuilt, error_count(conn))
-            upto = min(head_seq, after + TRANSACTION_EVENTS)
-            projections = [cls(complete=after == 0) for cls in PROJECTIONS]
-            applied += _run(conn, projections, after, upto, progress, head_seq)
-            _save_checkpoints(conn, projections, upto)
+            applied += _step(conn, after, min(head_seq, after + TRANSACTION_EVENTS), progress, head_seq)
 
 
 def rebuild(engine: Engine, progress: Progress | None = None) -> ProjectResult:
-    """Recompute every projection from seq 1, in one transaction (readers see old or new)."""
+    """Recompute every projection from seq 1, in one transaction (readers see old or new), in
+    steps of TRANSACTION_EVENTS log rows (memory does not grow with the log)."""
     with write_transaction(engine) as conn:
         _lock_checkpoints(conn)
         head_seq = log.head(conn)[0]
-        projections = [cls(complete=True) for cls in PROJECTIONS]
-        _reset(conn, projections)
-        applied = _run(conn, projections, 0, head_seq, progress, head_seq)
-        _save_checkpoints(conn, projections, head_seq)
+        _reset(conn)
+        applied = replay(conn, 0, head_seq, progress)
         errors = error_count(conn)
-    return ProjectResult(applied, 0, head_seq, tuple(p.name for p in projections), errors)
+    return ProjectResult(applied, 0, head_seq, tuple(cls.name for cls in PROJECTIONS), errors)
+
+
+def replay(conn: Connection, after: int, upto: int, progress: Progress | None = None,
+           source: Connection | None = None) -> int:
+    """Apply the log rows after < seq <= upto of ``source`` (default ``conn``) to the projection
+    tables of ``conn``, whose checkpoints are at ``after``, in steps; return the events applied.
+    (verify replays a store's log into a scratch store this way.)"""
+    applied = 0
+    for step in range(after, upto, TRANSACTION_EVENTS):
+        applied += _step(conn, step, min(upto, step + TRANSACTION_EVENTS), progress, upto, source)
+    if after == upto:
+        _save_checkpoints(conn, [cls() for cls in PROJECTIONS], upto)
+    return applied
 
 
 def error_count(conn: Connection) -> int:
