@@ -1,93 +1,629 @@
-"""Benchmark: the store's import and rebuild rates against raw sqlite3 in the same run.
+"""Benchmark: the store's rates, memory and audit latency, against raw inserts measured in the same run.
 
-Baselines, measured on the same machine in the same run with the same simulated payloads:
-- ``raw event_log``: ``sqlite3.executemany`` of finished rows (every column precomputed) into
-  a table with event_log's exact schema (indexes, triggers), one transaction.  The store's
-  import does that same database work plus reading, parsing, classifying and hashing each line,
-  so the ratio is the cost of the store's own work.
-- ``raw payloads``: ``sqlite3.executemany`` of (seq, payload) into a two-column table: the floor
-  of "just write the bytes down".
+``workitem-store bench --events N`` simulates N notifications (``store.simulate``, 50 agents, seed
+42, a little noise, so that duplicates and quarantined lines are part of the load) into a JSONL
+file, then runs each step in a process of its own, so that each step's peak RSS is its own:
+
+- ``append``: ``import --no-project`` of the file into a fresh store: read, parse, classify, hash
+  chain and insert every line into event_log, in one transaction (``ingest.files.import_file``).
+- ``import``: ``import`` of the same file into another fresh store: the append, then the
+  projections brought up to date (``runner.project``): what a user waits for.
+- ``project``: the incremental ``project`` from empty over the log that ``append`` left
+  (transactions of ``runner.TRANSACTION_EVENTS`` events, checkpointed).
+- ``rebuild``: ``rebuild``: every projection recomputed from seq 1 in one transaction.
+- ``verify``: ``verify`` (hash chain, row counts, every projection against a rebuild computed in
+  memory) in one read-only snapshot, as the command does.
+- ``audit``: ``history`` and ``state --as-of`` (``store.audit``) of workitems sampled from the
+  log: median and maximum latency over 50 calls each, after a warm-up, each call a read-only
+  snapshot as the commands open it (process start-up and printing are not counted).
+- ``raw``: the baseline (below).
+
+Rates are log rows per second (every line of the file is one row, duplicates and quarantined
+lines included).  Peak RSS is the child's ``VmHWM`` (``/proc/self/status``), not
+``getrusage().ru_maxrss``: Linux carries ru_maxrss across ``execve``, so a child would report at
+least the RSS of the process that spawned it.  Elsewhere ru_maxrss is used.
+
+Baselines: the same finished rows, inserted with no work of the store's around them.
+
+- SQLite (default): ``sqlite3.executemany`` of the rows of the appended log, read back from the
+  ``append`` store (every column as stored: seq, hashes, extracted columns), into the event_log
+  table of a fresh store, created by the store's own migrations: the exact schema, with its
+  indexes and triggers, with the store's connection settings (WAL, 64 MiB page cache), in one
+  transaction, as ``append`` commits.  The rows are read back in chunks by seq; only the inserts
+  are timed.  This is the database work ``append`` cannot avoid, so ``append / raw insert`` is
+  the share of the time left after the store's own work (reading, parsing, classifying,
+  duplicate detection, hashing, building rows in Python, counting): 1.0 would mean the store
+  costs nothing on top of its inserts.
+- PostgreSQL (``--db``): ``COPY event_log FROM STDIN`` through psycopg 3 (``cursor.copy``,
+  ``write_row``, text format) of the same rows into the event_log table of a fresh store, one
+  transaction: the fastest way a client can load finished rows into that table.  The rows are
+  first spilled from the ``append`` database to a local file in chunks (not timed), and the time
+  spent loading each chunk from it is left out of the COPY's time too: the server may go on
+  working on rows already sent meanwhile, so if anything the baseline looks a little faster
+  than it is and the ratios come out lower.
+
+On PostgreSQL the bench never touches the database of the URL beyond connecting to it: it
+creates throwaway databases next to it (``CREATE DATABASE``, the role needs CREATEDB) and drops
+them at the end, whatever happens.  SQLite files, the JSONL file and the spill live in a
+temporary directory inside ``--workdir``, removed at the end.
+
+The parent process only starts children and prints their lines; no step holds the stream or the
+log in memory: the simulated stream is written in chunks, rows are read in chunks by seq.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import pickle
+import random
+import resource
+import signal
 import sqlite3
+import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import select
+from .db import StoreError, parse_url, safe_url
 
-from .db import open_store
-from .ingest.files import import_file
-from .projections import runner
-from .schema import event_log
-from .simulate import simulate
+STEPS = ("append", "import", "project", "rebuild", "verify", "audit", "raw")
+# What each step needs run before it (on the same store): the log of ``append``, projections.
+NEEDS = {"project": ("append",), "rebuild": ("append",), "verify": ("append", "project"),
+         "audit": ("append",), "raw": ("append",)}
+# The order steps run in: the baseline right after the log it copies, then the import, whose
+# ratio is then printed early; projections and what reads them last.
+ORDER = ("append", "raw", "import", "project", "rebuild", "verify", "audit")
+STEP_HELP = {
+    "append": "import --no-project into a fresh store (read, parse, classify, hash, insert)",
+    "import": "import into a fresh store (append, then project)",
+    "project": "incremental project from empty over the appended log",
+    "rebuild": "rebuild: every projection from seq 1, one transaction",
+    "verify": "verify: hash chain, counts, projections against a rebuild",
+    "audit": "history and state --as-of of sampled workitems",
+    "raw": "baseline: the finished rows inserted raw",
+}
+CHUNK = 20_000  # rows per read of the log, and lines per write of the simulated stream
+AUDIT_CALLS = 50  # timed calls each of history and state
+AUDIT_WORKITEMS = 5  # workitems sampled for them
+SQLITE_CACHE = "PRAGMA cache_size=-65536"  # as store.db sets on every connection
+
+# The issue's goals.
+REBUILD_RATE = 50_000
+IMPORT_RATE_SQLITE = 25_000
+APPEND_RATIO_SQLITE = 0.45
+IMPORT_RATIO_POSTGRESQL = 0.4
+RSS_MB = 500
+AUDIT_MS = 5.0
+
+_RESULT = "BENCH-RESULT "  # the prefix of a child's result line on its stdout
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _timed(fn):
+def parse_steps(value: str | None) -> tuple[str, ...]:
+    """``--steps`` (comma-separated names, or None for all) -> the steps to run, in run order,
+    with the steps they need added."""
+    if not value:
+        return ORDER
+    wanted = {s.strip() for s in value.split(",") if s.strip()}
+    unknown = sorted(wanted - set(STEPS))
+    if unknown or not wanted:
+        raise ValueError(f"unknown step(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(STEPS)}")
+    todo = set()
+    pending = list(wanted)
+    while pending:
+        step = pending.pop()
+        if step not in todo:
+            todo.add(step)
+            pending.extend(NEEDS.get(step, ()))
+    return tuple(s for s in ORDER if s in todo)
+
+
+# -- where the stores live --------------------------------------------------------------------
+
+class _SQLiteTarget:
+    backend = "sqlite"
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+
+    def describe(self) -> str:
+        return f"SQLite {sqlite3.sqlite_version} files in {self.tmp.parent}"
+
+    def create(self, name: str) -> str:
+        return f"sqlite:///{self.tmp / (name + '.db')}"
+
+    def drop(self, name: str) -> None:
+        for suffix in (".db", ".db-wal", ".db-shm"):
+            (self.tmp / (name + suffix)).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        pass
+
+
+class _PostgresTarget:
+    """Throwaway databases on the server of ``url`` (whose own database is only connected to)."""
+
+    backend = "postgresql"
+
+    def __init__(self, url):
+        from sqlalchemy import create_engine, text
+
+        self.url = url if url.drivername != "postgresql" else url.set(drivername="postgresql+psycopg")
+        self.prefix = f"wis_bench_{uuid.uuid4().hex[:10]}"
+        self.created: list[str] = []
+        self._text = text
+        self.admin = create_engine(self.url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 10})
+        try:
+            with self.admin.connect() as conn:
+                self.version = conn.execute(text("SHOW server_version")).scalar_one()
+        except Exception as exc:  # any failure to connect is the user's to fix
+            self.admin.dispose()
+            raise StoreError(f"cannot connect to {safe_url(self.url)}: {_first_line(exc)}") from exc
+
+    def describe(self) -> str:
+        return (f"PostgreSQL {self.version.split()[0]} on the server of {safe_url(self.url)} "
+                f"(throwaway databases {self.prefix}_*)")
+
+    def create(self, name: str) -> str:
+        database = f"{self.prefix}_{name}"
+        try:
+            with self.admin.connect() as conn:
+                conn.execute(self._text(f'CREATE DATABASE "{database}"'))
+        except Exception as exc:  # e.g. no CREATEDB privilege
+            raise StoreError(f"cannot create database {database} (the role needs CREATEDB): "
+                             f"{_first_line(exc)}") from exc
+        self.created.append(database)
+        return self.url.set(database=database).render_as_string(hide_password=False)
+
+    def drop(self, name: str) -> None:
+        database = f"{self.prefix}_{name}"
+        if database in self.created:
+            with self.admin.connect() as conn:
+                conn.execute(self._text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+            self.created.remove(database)
+
+    def close(self) -> None:
+        try:
+            for database in list(self.created):
+                self.drop(database.removeprefix(self.prefix + "_"))
+        finally:
+            self.admin.dispose()
+
+
+def _first_line(exc: BaseException) -> str:
+    from .db import hide_password
+
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return hide_password(lines[0] if lines else type(exc).__name__)
+
+
+# -- running a step in a child process ----------------------------------------------------------
+
+def _child(spec: dict) -> dict:
+    """Run one step in a process of its own; its result, with its peak RSS."""
+    # The package root as working directory: ``-m store.bench`` imports this very package, never
+    # a ``store`` directory that happens to be where the user runs the bench.
+    proc = subprocess.run([sys.executable, "-m", "store.bench"], input=json.dumps(spec), text=True,
+                          capture_output=True, cwd=_PACKAGE_ROOT, check=False)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_RESULT):
+            return json.loads(line[len(_RESULT):])
+    # One line (the CLI prints messages on one line): where it failed, and the exception.
+    lines = [line.strip() for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
+    where = next((line for line in reversed(lines) if line.startswith('File "')), "")
+    raise StoreError(f"bench step {spec['step']} failed (exit status {proc.returncode}): "
+                     f"{lines[-1] if lines else 'no output'}" + (f" ({where})" if where else ""))
+
+
+def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def _step_simulate(spec: dict) -> dict:
+    from .simulate import simulate
+
     start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
+    chunk: list[str] = []
+    with open(spec["path"], "w", encoding="utf-8") as out:
+        for line in simulate(spec["events"], agents=50, seed=42, noise_rate=0.002):
+            chunk.append(line)
+            if len(chunk) >= CHUNK:
+                out.write("\n".join(chunk) + "\n")
+                chunk.clear()
+        if chunk:
+            out.write("\n".join(chunk) + "\n")
+    return {"seconds": time.perf_counter() - start, "rows": spec["events"],
+            "bytes": os.path.getsize(spec["path"])}
 
 
-def _raw_insert(path: Path, ddl: list[str], insert: str, rows: list[tuple]) -> float:
-    con = sqlite3.connect(path, isolation_level=None)
-    con.execute("PRAGMA journal_mode=WAL")
-    for statement in ddl:
-        con.execute(statement)
+def _step_append(spec: dict, project: bool = False) -> dict:
+    from .db import open_store
+    from .ingest.files import import_file
+    from .projections import runner
 
-    def work():
-        con.execute("BEGIN IMMEDIATE")
-        con.executemany(insert, rows)
-        con.execute("COMMIT")
-    seconds, _ = _timed(work)
-    con.close()
-    return seconds
+    engine = open_store(spec["url"])
+    try:
+        start = time.perf_counter()
+        result = import_file(engine, Path(spec["path"]))
+        appended = time.perf_counter() - start
+        applied = runner.project(engine).applied if project else None
+        seconds = time.perf_counter() - start
+    finally:
+        engine.dispose()
+    return {"seconds": seconds, "rows": result.lines, "append_seconds": appended, "applied": applied,
+            "duplicates": result.duplicates, "quarantined": result.quarantined}
 
 
-def run(events: int, workdir: str | None = None) -> Iterator[str]:
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        tmp = Path(tmp)
-        source = tmp / "stream.jsonl"
-        source.write_text("".join(line + "\n" for line in simulate(events, agents=50, seed=42, noise_rate=0.002)))
-        yield f"{events} simulated notifications ({source.stat().st_size / 1e6:.1f} MB of JSONL), SQLite {sqlite3.sqlite_version}"
+def _step_project(spec: dict, rebuild: bool = False) -> dict:
+    from .db import open_store
+    from .projections import runner
 
-        store_engine = open_store(str(tmp / "store.db"))
-        import_s, result = _timed(lambda: import_file(store_engine, source))
-        project_s, _ = _timed(lambda: runner.project(store_engine))
-        rebuild_s, rebuilt = _timed(lambda: runner.rebuild(store_engine))
+    engine = open_store(spec["url"])
+    try:
+        start = time.perf_counter()
+        result = (runner.rebuild if rebuild else runner.project)(engine)
+        seconds = time.perf_counter() - start
+    finally:
+        engine.dispose()
+    return {"seconds": seconds, "rows": result.to_seq - result.from_seq, "applied": result.applied,
+            "errors": result.errors}
 
-        # The baselines insert exactly the rows the store produced.
-        with store_engine.connect() as conn:
-            rows = [tuple(r) for r in conn.execute(select(event_log).order_by(event_log.c.seq))]
-        store_engine.dispose()
-        schema = sqlite3.connect(tmp / "store.db")
-        ddl = [sql for (sql,) in schema.execute(
-            "SELECT sql FROM sqlite_master WHERE tbl_name = 'event_log' AND sql IS NOT NULL "
-            "ORDER BY type = 'table' DESC")]
-        schema.close()
-        placeholders = ", ".join("?" * len(rows[0]))
-        raw_log_s = _raw_insert(tmp / "raw_log.db", ddl, f"INSERT INTO event_log VALUES ({placeholders})", rows)
-        raw_payload_s = _raw_insert(
-            tmp / "raw_payload.db", ["CREATE TABLE payloads (seq INTEGER PRIMARY KEY, payload TEXT NOT NULL)"],
-            "INSERT INTO payloads VALUES (?, ?)", [(r[0], r[9]) for r in rows])
 
-        def rate(seconds: float, n: int = events) -> float:
-            return n / seconds
+def _step_verify(spec: dict) -> dict:
+    from .db import open_reader, snapshot
+    from .verify import verify
 
-        lines = [
-            ("raw payloads  sqlite3.executemany (seq, payload)", raw_payload_s, events),
-            ("raw event_log sqlite3.executemany (all columns)", raw_log_s, events),
-            ("store import  (read, parse, classify, hash, append)", import_s, result.appended),
-            ("store project (incremental, from empty)", project_s, events),
-            ("store rebuild (all four projections)", rebuild_s, events),
-        ]
-        for label, seconds, n in lines:
-            yield f"{label:55s} {rate(seconds, n):>10,.0f} rows/s  ({seconds:.2f} s)"
-        yield f"import / raw event_log insert:  {raw_log_s / import_s:.2f}x   (target >= 0.6)"
-        yield f"import / raw payload insert:    {raw_payload_s / import_s:.2f}x"
-        yield f"rebuild rate: {rate(rebuild_s):,.0f} events/s (target >= 50,000; {rebuilt.applied} projectable)"
-        yield f"measured {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    engine = open_reader(spec["url"])
+    try:
+        start = time.perf_counter()
+        with snapshot(engine) as conn:
+            report = verify(conn)
+        seconds = time.perf_counter() - start
+    finally:
+        engine.dispose()
+    return {"seconds": seconds, "rows": report.rows, "ok": report.ok}
+
+
+def _step_audit(spec: dict) -> dict:
+    from sqlalchemy import func, select
+
+    from . import audit
+    from .db import open_reader, snapshot
+    from .schema import event_log
+
+    engine = open_reader(spec["url"])
+    try:
+        with engine.connect() as conn:
+            head = conn.execute(select(func.max(event_log.c.seq))).scalar_one() or 0
+            seqs = sorted(random.Random(42).sample(range(1, head + 1), min(head, 200)))
+            c = event_log.c
+            rows = conn.execute(select(c.workitem_id, c.received_at)
+                                .where(c.seq.in_(seqs), c.workitem_id.is_not(None), c.notification_type == "StatusChange",
+                                       c.duplicate_of.is_(None), c.quarantine_reason.is_(None))
+                                .order_by(c.seq)).all()
+        picked: dict[str, dt.datetime] = {}  # workitem id -> the instant its state is asked for
+        for workitem_id, received_at in rows:
+            picked.setdefault(workitem_id, received_at)
+            if len(picked) == AUDIT_WORKITEMS:
+                break
+        if not picked:
+            raise StoreError("no workitem in the log to ask history and state about")
+        ids = list(picked)
+
+        def timed(call) -> list[float]:
+            for workitem_id in ids:  # warm-up: connections, statement caches, pages
+                call(workitem_id)
+            times = []
+            for i in range(AUDIT_CALLS):
+                start = time.perf_counter()
+                call(ids[i % len(ids)])
+                times.append((time.perf_counter() - start) * 1000)
+            return times
+
+        trail_rows: list[int] = []
+
+        def history(workitem_id):
+            with snapshot(engine) as conn:
+                trail_rows.append(len(audit.history(conn, workitem_id)))
+
+        def state(workitem_id):
+            with snapshot(engine) as conn:
+                audit.state(conn, workitem_id, as_of=picked[workitem_id])
+
+        history_ms, state_ms = timed(history), timed(state)
+    finally:
+        engine.dispose()
+    return {"history_ms": history_ms, "state_ms": state_ms, "workitems": len(ids),
+            "trail_rows": statistics.mean(trail_rows)}
+
+
+def _step_raw_sqlite(spec: dict) -> dict:
+    from .db import open_store
+
+    open_store(spec["url"]).dispose()  # the schema, by the store's own migrations
+    target = sqlite3.connect(spec["url"].removeprefix("sqlite:///"), isolation_level=None)
+    source = sqlite3.connect(spec["source_url"].removeprefix("sqlite:///"))
+    try:
+        target.execute(SQLITE_CACHE)
+        columns = [row[1] for row in target.execute("PRAGMA table_info(event_log)")]
+        insert = f"INSERT INTO event_log ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        read = f"SELECT {', '.join(columns)} FROM event_log WHERE seq > ? ORDER BY seq LIMIT {CHUNK}"
+        seconds, rows, last = 0.0, 0, 0
+        start = time.perf_counter()
+        target.execute("BEGIN IMMEDIATE")
+        seconds += time.perf_counter() - start
+        while chunk := source.execute(read, (last,)).fetchall():
+            start = time.perf_counter()
+            target.executemany(insert, chunk)
+            seconds += time.perf_counter() - start
+            rows, last = rows + len(chunk), chunk[-1][0]
+        start = time.perf_counter()
+        target.execute("COMMIT")
+        seconds += time.perf_counter() - start
+    finally:
+        source.close()
+        target.close()
+    return {"seconds": seconds, "rows": rows}
+
+
+def _libpq(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _load(spilled) -> list | None:
+    try:
+        return pickle.load(spilled)
+    except EOFError:
+        return None
+
+
+def _step_raw_postgresql(spec: dict) -> dict:
+    import psycopg
+
+    from .db import open_store
+
+    open_store(spec["url"]).dispose()  # the schema, by the store's own migrations
+    spill = Path(spec["spill"])
+    with psycopg.connect(_libpq(spec["source_url"])) as source, spill.open("wb") as out:
+        cur = source.cursor()
+        columns = [c.name for c in cur.execute("SELECT * FROM event_log LIMIT 0").description]
+        read = f"SELECT {', '.join(columns)} FROM event_log WHERE seq > %s ORDER BY seq LIMIT {CHUNK}"
+        last = 0
+        while chunk := cur.execute(read, (last,)).fetchall():
+            pickle.dump(chunk, out, protocol=pickle.HIGHEST_PROTOCOL)
+            last = chunk[-1][0]
+    seconds, rows = 0.0, 0
+    try:
+        with psycopg.connect(_libpq(spec["url"])) as target, spill.open("rb") as spilled:
+            cur = target.cursor()
+            start = time.perf_counter()
+            with cur.copy(f"COPY event_log ({', '.join(columns)}) FROM STDIN") as copy:
+                seconds += time.perf_counter() - start
+                while (chunk := _load(spilled)) is not None:  # loading a chunk is not timed
+                    start = time.perf_counter()
+                    for row in chunk:
+                        copy.write_row(row)
+                    seconds += time.perf_counter() - start
+                    rows += len(chunk)
+                start = time.perf_counter()  # the end of the COPY: the server's last rows
+            target.commit()
+            seconds += time.perf_counter() - start
+    finally:
+        spill.unlink(missing_ok=True)
+    return {"seconds": seconds, "rows": rows}
+
+
+_CHILD_STEPS = {
+    "simulate": _step_simulate,
+    "append": _step_append,
+    "import": lambda spec: _step_append(spec, project=True),
+    "project": _step_project,
+    "rebuild": lambda spec: _step_project(spec, rebuild=True),
+    "verify": _step_verify,
+    "audit": _step_audit,
+    "raw-sqlite": _step_raw_sqlite,
+    "raw-postgresql": _step_raw_postgresql,
+}
+
+
+def _child_main() -> int:
+    spec = json.loads(sys.stdin.read())
+    result = _CHILD_STEPS[spec["step"]](spec)
+    result["rss_mb"] = _peak_rss_mb()
+    print(_RESULT + json.dumps(result), flush=True)
+    return 0
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def _workdir(workdir: str | None) -> str | None:
+    if workdir is None:
+        return None
+    path = Path(workdir)
+    if not path.is_dir():
+        if not path.parent.is_dir():
+            raise StoreError(f"workdir {workdir}: its parent directory {path.parent} does not exist")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            raise StoreError(f"workdir {workdir} exists and is not a directory") from None
+        except OSError as exc:
+            raise StoreError(f"cannot create workdir {workdir}: {exc.strerror}") from exc
+    return str(path)
+
+
+def _target(db: str | None, tmp: Path):
+    if db is None:
+        return _SQLiteTarget(tmp)
+    url = parse_url(db)
+    if url.get_backend_name() != "postgresql":
+        raise StoreError(f"bench --db takes a PostgreSQL URL (got {safe_url(url)}); "
+                         "without --db the bench runs on SQLite files in --workdir")
+    return _PostgresTarget(url)
+
+
+def _rate(result: dict) -> float:
+    return result["rows"] / result["seconds"] if result["seconds"] > 0 else float("inf")
+
+
+def _step_line(name: str, result: dict, note: str = "") -> str:
+    return (f"{name:8s} {_rate(result):>10,.0f} events/s {result['seconds']:>8.3f} s   "
+            f"peak RSS {result['rss_mb']:>5.0f} MB   {STEP_HELP[name]}{note}")
+
+
+def _goal(label: str, measured: str, ok: bool | None) -> str:
+    verdict = "n/a" if ok is None else ("ok" if ok else "MISSED")
+    return f"  {label:44s} {measured:38s} {verdict}"
+
+
+def run(events: int, workdir: str | None = None, db: str | None = None,
+        steps: tuple[str, ...] = ORDER) -> Iterator[str]:
+    """Run the bench; yields each line of the report as soon as it is known."""
+    workdir = _workdir(workdir)
+    # SIGTERM (kill, a CI timeout) ends the run as Ctrl-C does: through the clean-up below, so
+    # that no throwaway database or file is left (the running child is killed by subprocess.run).
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="wis-bench-", dir=workdir) as tmp_name:
+            tmp = Path(tmp_name)
+            target = _target(db, tmp)
+            try:
+                yield from _run(events, tmp, target, steps)
+            finally:
+                target.close()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
+def _run(events: int, tmp: Path, target, steps: tuple[str, ...]) -> Iterator[str]:
+    stream = tmp / "stream.jsonl"
+    sim = _child({"step": "simulate", "path": str(stream), "events": events})
+    yield (f"{events:,} simulated notifications ({sim['bytes'] / 1e6:,.1f} MB of JSONL, {sim['seconds']:.1f} s); "
+           f"{target.describe()}; Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+    yield "steps, each in a process of its own (rates: log rows per second; every line is one row):"
+    results: dict[str, dict] = {}
+    log_url = None
+    raw_name = "raw insert" if target.backend == "sqlite" else "raw COPY"
+    for step in steps:
+        if step == "append":
+            log_url = target.create("log")
+            results[step] = r = _child({"step": "append", "url": log_url, "path": str(stream)})
+            yield _step_line(step, r, f" ({r['duplicates']:,} duplicates, {r['quarantined']:,} quarantined)")
+        elif step == "import":
+            url = target.create("import")
+            results[step] = r = _child({"step": "import", "url": url, "path": str(stream)})
+            target.drop("import")
+            yield _step_line(step, r, f" (append {r['append_seconds']:.2f} s + project "
+                                      f"{r['seconds'] - r['append_seconds']:.2f} s)")
+        elif step in ("project", "rebuild"):
+            results[step] = r = _child({"step": step, "url": log_url})
+            yield _step_line(step, r, f" ({r['applied']:,} projectable events, {r['errors']} projection errors)")
+        elif step == "verify":
+            results[step] = r = _child({"step": "verify", "url": log_url})
+            yield _step_line(step, r, "" if r["ok"] else "   VERIFY FAILED: run `workitem-store verify` on such a store")
+        elif step == "audit":
+            results[step] = r = _child({"step": "audit", "url": log_url})
+            for name, times in (("history", r["history_ms"]), ("state", r["state_ms"])):
+                yield (f"{'audit':8s} {name + (' --as-of' if name == 'state' else ''):15s} median "
+                       f"{statistics.median(times):6.2f} ms, max {max(times):6.2f} ms over {len(times)} calls "
+                       f"({r['workitems']} workitems, {r['trail_rows']:.0f} log rows each on average)   "
+                       f"peak RSS {r['rss_mb']:.0f} MB")
+        elif step == "raw":
+            url = target.create("raw")
+            results[step] = r = _child({"step": f"raw-{target.backend}", "url": url, "source_url": log_url,
+                                        "spill": str(tmp / "rows.spill")})
+            target.drop("raw")
+            how = ("sqlite3.executemany of the appended rows into event_log, one transaction"
+                   if target.backend == "sqlite" else
+                   "psycopg COPY event_log FROM STDIN of the appended rows, one transaction")
+            yield (f"{'raw':8s} {_rate(r):>10,.0f} events/s {r['seconds']:>8.3f} s   "
+                   f"peak RSS {r['rss_mb']:>5.0f} MB   baseline: {how}")
+    target.drop("log")
+
+    ratios = {}
+    if "raw" in results:
+        yield f"ratios to the baseline of this run ({raw_name} of the same finished rows into the same table):"
+        for step in ("append", "import"):
+            if step in results:
+                ratios[step] = _rate(results[step]) / _rate(results["raw"])
+                aim = ((APPEND_RATIO_SQLITE if step == "append" else None) if target.backend == "sqlite"
+                       else (IMPORT_RATIO_POSTGRESQL if step == "import" else None))
+                prefix = "PostgreSQL " if target.backend == "postgresql" else ""
+                yield (f"  {prefix}{step} / {raw_name}: {ratios[step]:.2f}x"
+                       + (f" (target >= {aim})" if aim is not None else ""))
+
+    yield "goals:"
+    sqlite, postgres = target.backend == "sqlite", target.backend == "postgresql"
+    other = "not this run: PostgreSQL only (--db)" if sqlite else "not this run: SQLite only (no --db)"
+    skipped = "not measured (step not run)"
+    if "rebuild" in results:
+        rate = _rate(results["rebuild"])
+        yield _goal(f"rebuild >= {REBUILD_RATE:,} events/s", f"{rate:,.0f} events/s", rate >= REBUILD_RATE)
+    else:
+        yield _goal(f"rebuild >= {REBUILD_RATE:,} events/s", skipped, None)
+    label = f"append >= {APPEND_RATIO_SQLITE} of raw insert (SQLite)"
+    if not sqlite:
+        yield _goal(label, other, None)
+    elif "append" in ratios:
+        yield _goal(label, f"{ratios['append']:.2f}x", ratios["append"] >= APPEND_RATIO_SQLITE)
+    else:
+        yield _goal(label, skipped, None)
+    label = f"import >= {IMPORT_RATE_SQLITE:,} events/s (SQLite)"
+    if not sqlite:
+        yield _goal(label, other, None)
+    elif "import" in results:
+        rate = _rate(results["import"])
+        yield _goal(label, f"{rate:,.0f} events/s", rate >= IMPORT_RATE_SQLITE)
+    else:
+        yield _goal(label, skipped, None)
+    store_steps = {k: v for k, v in results.items() if k != "raw"}
+    if store_steps:
+        worst = max(store_steps, key=lambda k: store_steps[k]["rss_mb"])
+        peak = store_steps[worst]["rss_mb"]
+        yield _goal(f"peak RSS of each step < {RSS_MB} MB", f"max {peak:.0f} MB ({worst})", peak < RSS_MB)
+    else:
+        yield _goal(f"peak RSS of each step < {RSS_MB} MB", skipped, None)
+    label = f"history, state --as-of < {AUDIT_MS:g} ms (median)"
+    if "audit" in results:
+        medians = {name: statistics.median(results["audit"][f"{name}_ms"]) for name in ("history", "state")}
+        worst = max(medians, key=medians.get)
+        yield _goal(label, f"{medians[worst]:.2f} ms ({worst})", medians[worst] < AUDIT_MS)
+    else:
+        yield _goal(label, skipped, None)
+    label = f"import >= {IMPORT_RATIO_POSTGRESQL} of raw COPY (PostgreSQL)"
+    if not postgres:
+        yield _goal(label, other, None)
+    elif "import" in ratios:
+        yield _goal(label, f"{ratios['import']:.2f}x", ratios["import"] >= IMPORT_RATIO_POSTGRESQL)
+    else:
+        yield _goal(label, skipped, None)
+    if "verify" in results and not results["verify"]["ok"]:
+        yield "verify FAILED on the benchmark's store: the rates above are of a store that is not consistent"
+    yield f"measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

@@ -241,6 +241,25 @@ def test_verify_detects_an_altered_projection(imported):
     run("verify", "--db", imported)
 
 
+def test_verify_detects_counts_that_disagree_with_the_log(imported):
+    # status reads event_log_counts; a count changed behind the store's back shows in verify.
+    engine = open_store(imported)
+    with engine.begin() as conn:
+        plain = conn.execute(text("SELECT rows FROM event_log_counts WHERE kind = 'notification' "
+                                  "AND quarantine_reason = '' AND duplicate = false")).scalar_one()
+        conn.execute(text("UPDATE event_log_counts SET rows = rows + 5 WHERE kind = 'notification' "
+                          "AND quarantine_reason = '' AND duplicate = false"))
+    engine.dispose()
+    assert json.loads(run("status", "--json", "--db", imported).output)["event_log"]["rows"] == 11
+    result = run("verify", "--db", imported, ok=False)
+    assert "chain ok: 6 rows" in result.output
+    assert "event_log_counts DISAGREES with the log for kind notification, quarantine reason None, " \
+           f"duplicate False: the log holds {plain} rows, the table says {plain + 5}" in result.output
+    report = json.loads(run("verify", "--json", "--db", imported, ok=False).output)
+    assert report["counts_mismatch"] == [{"kind": "notification", "quarantine_reason": None, "duplicate": False,
+                                          "counted": plain, "recorded": plain + 5}]
+
+
 # -- export / import --------------------------------------------------------------------------------
 
 def test_export_then_import_into_an_empty_database(db_url, tmp_path):

@@ -1,0 +1,112 @@
+"""``workitem-store bench``: every step, ratio and goal line is printed with plausible numbers, on
+SQLite and on PostgreSQL, and nothing is left behind (files, throwaway databases)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from click.testing import CliRunner
+from conftest import PG_URL
+from sqlalchemy import text
+
+from store.bench import ORDER, parse_steps
+from store.cli import main
+
+STEP_LINE = re.compile(r"^(append|raw|import|project|rebuild|verify) +([\d,]+) events/s +([\d.]+) s +"
+                       r"peak RSS +(\d+) MB ")
+AUDIT_LINE = re.compile(r"^audit +(history|state --as-of) +median +([\d.]+) ms, max +([\d.]+) ms over 50 calls"
+                        r".*peak RSS (\d+) MB$")
+RATIO_LINE = re.compile(r"^ +(PostgreSQL )?(append|import) / raw (insert|COPY): ([\d.]+)x")
+GOAL_LINE = re.compile(r"^  (rebuild >=|append >=|import >=|peak RSS|history, state).* (ok|MISSED|n/a)$")
+
+
+def _bench(*args: str) -> list[str]:
+    result = CliRunner().invoke(main, ["bench", "--events", "300", *args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output.splitlines()
+
+
+def _check_report(lines: list[str], raw: str) -> list[str]:
+    """Asserts the report's shape; returns its goal lines."""
+    assert lines[0].startswith("300 simulated notifications (")
+    steps = {m[1]: m for m in map(STEP_LINE.match, lines) if m}
+    assert set(steps) == set(ORDER) - {"audit"}
+    for m in steps.values():
+        assert int(m[2].replace(",", "")) > 0 and float(m[3]) >= 0 and int(m[4]) > 0
+    audits = {m[1]: m for m in map(AUDIT_LINE.match, lines) if m}
+    assert set(audits) == {"history", "state --as-of"}
+    for m in audits.values():
+        assert 0 < float(m[2]) <= float(m[3]) and int(m[4]) > 0
+    ratios = {m[2]: m for m in map(RATIO_LINE.match, lines) if m}
+    assert set(ratios) == {"append", "import"}
+    for m in ratios.values():
+        assert m[3] == raw and float(m[4]) > 0
+    # import = append + project on a fresh store: slower than append alone.
+    assert float(ratios["import"][4]) < float(ratios["append"][4])
+    goals = lines[lines.index("goals:") + 1:-1]
+    assert len(goals) == 6 and all(map(GOAL_LINE.match, goals)), goals
+    assert lines[-1].startswith("measured ")
+    return goals
+
+
+def _goal(goals: list[str], start: str) -> str:
+    [line] = [g for g in goals if g.strip().startswith(start)]
+    return line.split()[-1]
+
+
+def test_bench_sqlite_reports_every_step_and_leaves_nothing(tmp_path):
+    workdir = tmp_path / "work"  # created by the bench
+    lines = _bench("--workdir", str(workdir))
+    goals = _check_report(lines, "insert")
+    assert any(line.startswith("  append / raw insert: ") and line.endswith("(target >= 0.45)") for line in lines)
+    assert _goal(goals, "import >= 0.4 of raw COPY") == "n/a"
+    assert _goal(goals, "append >= 0.45") in ("ok", "MISSED")
+    assert _goal(goals, "peak RSS") == "ok"
+    assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.postgres
+def test_bench_postgresql_reports_every_step_and_drops_its_databases(pg_admin, tmp_path):
+    lines = _bench("--workdir", str(tmp_path), "--db", PG_URL)
+    goals = _check_report(lines, "COPY")
+    assert any(line.startswith("  PostgreSQL import / raw COPY: ") and line.endswith("(target >= 0.4)")
+               for line in lines)
+    assert _goal(goals, "append >= 0.45") == "n/a"
+    assert _goal(goals, "import >= 0.4 of raw COPY") in ("ok", "MISSED")
+    prefix = re.search(r"throwaway databases (wis_bench_[0-9a-f]+)_\*", lines[0])[1]
+    with pg_admin.connect() as conn:
+        left = conn.execute(text("SELECT datname FROM pg_database WHERE datname LIKE :p"),
+                            {"p": prefix + "%"}).scalars().all()
+    assert left == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_steps_subset_runs_what_they_need(tmp_path):
+    assert parse_steps("verify") == ("append", "project", "verify")
+    assert parse_steps(" rebuild , raw") == ("append", "raw", "rebuild")
+    assert parse_steps(None) == ORDER
+    result = CliRunner().invoke(main, ["bench", "--events", "100", "--steps", "import", "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    steps = [m[1] for m in map(STEP_LINE.match, result.output.splitlines()) if m]
+    assert steps == ["import"]
+    assert "not measured (step not run)" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--db", "sqlite:///x.db"], "bench --db takes a PostgreSQL URL"),
+    (["--workdir", "/nonexistent-parent-of-bench/work"], "its parent directory"),
+    (["--steps", "append,nope"], "unknown step(s) nope"),
+])
+def test_bench_refuses_cleanly(args, message):
+    result = CliRunner().invoke(main, ["bench", "--events", "100", *args])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, (AssertionError, TypeError))
+
+
+def test_bench_takes_the_db_given_before_the_command_name():
+    result = CliRunner().invoke(main, ["--db", "sqlite:///x.db", "bench", "--events", "100"])
+    assert result.exit_code == 1
+    assert "bench --db takes a PostgreSQL URL (got sqlite:///x.db)" in result.output
