@@ -225,6 +225,8 @@ def _parse(line: str, envelopes: bool) -> Notification:
         return unreadable(line, TOO_DEEP)
     if _has_long_number(line):
         return _parse_line_exactly(line, envelopes)
+    if envelopes and (exported := _exported_envelope(line)) is not None:
+        return exported
     try:
         parsed = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -239,6 +241,42 @@ def _parse(line: str, envelopes: bool) -> Notification:
             return _parse_line_exactly(line, envelopes)
         return _envelope(line, parsed, payload)
     return classify(line, parsed, depth_checked=not envelopes)
+
+
+def _exported_envelope(line: str) -> Notification | None:
+    """An envelope line as export writes it (``envelope_line``), read with one parse of its
+    message's text; None for any other line (which is then read whole, as always).
+
+    Export's form: ``{"received_at": <string>, "source": <string>[, "session": <string>],
+    "message": <message>}``, with exactly these separators.  The head's strings are read as the
+    exact path reads them (the standard library's strict scanstring), so once the head matches
+    and the rest of the line (up to the closing brace, without whitespace around it) is one JSON
+    value, the line is exactly the object of these three or four distinct keys, and that text is
+    the message's: what reading the whole line would find, found with one parse instead of two.
+    """
+    if not line.startswith('{"received_at": "'):
+        return None
+    try:
+        received_at, at = _scanstring(line, 17)
+        if not line.startswith(', "source": "', at):
+            return None
+        source, at = _scanstring(line, at + 13)
+        envelope = {"received_at": received_at, "source": source}
+        if line.startswith(', "session": "', at):
+            envelope["session"], at = _scanstring(line, at + 14)
+    except ValueError:  # a broken string
+        return None
+    line_end = line.rstrip(" \t\r\n")  # (the line itself, unless whitespace ends it)
+    if not line.startswith(', "message": ', at) or not line_end.endswith("}"):
+        return None
+    payload = line_end[at + 13 : -1].strip(" \t\r\n")
+    try:
+        envelope["message"] = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if "\\u" in line and not _storable(envelope):
+        return unreadable(line, UNSTORABLE)
+    return _envelope(line, envelope, payload)
 
 
 def _last_value_text(line: str, key: str, value: Any) -> str | None:

@@ -75,3 +75,59 @@ def test_import_projection_history_and_state_walk_indexes(engine):
             assert audit.state(conn, workitem, upto_seq=2500) is not None
     assert len(statements) > 5
     assert _scans(engine, statements) == []
+
+
+def _lookup_plans(engine, statements, marks: tuple[str, str]) -> dict[str, list[list[str]]]:
+    """The plans of the duplicate lookups among ``statements`` (those holding one of ``marks``:
+    the keyed lookup's, the payload lookup's), by mark."""
+    plans: dict[str, list[list[str]]] = {mark: [] for mark in marks}
+    with engine.connect() as conn:
+        for statement, parameters in statements:
+            for mark in marks:
+                if mark in statement:
+                    explain = "EXPLAIN QUERY PLAN" if engine.dialect.name == "sqlite" else "EXPLAIN"
+                    plans[mark].append([row[-1] if engine.dialect.name == "sqlite" else row[0].strip()
+                                        for row in conn.exec_driver_sql(f"{explain} {statement}", parameters)])
+    return plans
+
+
+def test_duplicate_lookups_probe_the_index_key_by_key(engine):
+    """Issue 9: the duplicate lookups of an append are an index probe per key (source and
+    message id; payload digest for messages without id), whatever the log's size: SQLite
+    SEARCHes by both columns; PostgreSQL, left to choose (before and after ANALYZE: an import
+    runs in one transaction, with the statistics of before it), runs a nested loop of index
+    scans, never a scan of the log nor of all of one source's rows."""
+    keyed = list(simulate(3000, agents=5, seed=11))
+    unkeyed = list(simulate(1000, agents=5, seed=12, fmt="bare"))
+    feed(engine, keyed + unkeyed)
+    sqlite = engine.dialect.name == "sqlite"
+    marks = (("GROUP BY event_log.message_id", "event_log.payload_sha256 IN") if sqlite
+             else ("json_to_recordset", "json_array_elements_text"))
+    with recorded_selects(engine) as statements:
+        feed(engine, keyed[-500:] + unkeyed[-500:] + keyed[:10], file_name="again")
+    for analyzed in (False, True):
+        if analyzed and not sqlite:
+            with engine.begin() as conn:
+                conn.exec_driver_sql("ANALYZE event_log")
+        plans = _lookup_plans(engine, statements, marks)
+        keyed_plans, payload_plans = plans[marks[0]], plans[marks[1]]
+        assert keyed_plans and payload_plans, statements
+        if sqlite:
+            assert all(plan[0] == "SEARCH event_log USING INDEX ix_event_log_source_message_id "
+                                  "(source=? AND message_id=?)" and not any(s.startswith("SCAN") for s in plan)
+                       for plan in keyed_plans), keyed_plans
+            assert all(plan == ["SEARCH event_log USING INDEX ix_event_log_payload_sha256 (payload_sha256=?)"]
+                       for plan in payload_plans), payload_plans
+            break
+        for plan in keyed_plans:
+            assert plan[0].startswith("Nested Loop"), plan
+            assert any(step.startswith("->  Index Scan using ix_event_log_source_message_id on event_log")
+                       for step in plan), plan
+            assert "Index Cond: ((source = k.source) AND (message_id = k.message_id))" in plan, plan
+        for plan in payload_plans:
+            assert plan[0].startswith("Nested Loop"), plan
+            assert any(step.startswith("->  Index Scan using ix_event_log_payload_sha256 on event_log")
+                       for step in plan), plan
+            assert "Index Cond: ((payload_sha256)::text = k.digest)" in plan, plan
+        assert not any("Seq Scan on event_log" in step or "Bitmap" in step
+                       for plan in keyed_plans + payload_plans for step in plan), plans
