@@ -454,7 +454,7 @@ def verify(as_json):
     whose extracted columns (channel, message_id, ..., reference_id) disagree with its payload,
     a projection row that a rebuild from the log would not produce, projections that lag
     the log (their checkpoint is not the head: run `project` first), or row counts kept for
-    `status` (table event_log_counts) that disagree with the log.
+    `status` (event_log_counts, projection_checkpoints.rows) that disagree with the tables.
 
     \b
     Example:
@@ -487,10 +487,11 @@ def verify(as_json):
                 for example in diff[f"{kind}_examples"]:
                     click.echo(output.safe_text(f"  {kind}: {example}"))
         for c in report.counts_mismatch:
-            click.echo(output.safe_text(
-                f"event_log_counts DISAGREES with the log for kind {c['kind']}, quarantine reason "
-                f"{c['quarantine_reason']!r}, duplicate {c['duplicate']}: the log holds {c['counted']} rows, "
-                f"the table says {c['recorded']}"))
+            counted = (f"for kind {c['kind']}, quarantine reason {c['quarantine_reason']!r}, duplicate "
+                       f"{c['duplicate']}: the log holds" if c["table"] == "event_log_counts" else
+                       f"for {c['projection']}: its table holds")
+            click.echo(output.safe_text(f"{c['table']} DISAGREES {counted} {c['counted']} rows, "
+                                        f"{c['table']} says {c['recorded']}"))
         for name, seq in report.lagging.items():
             click.echo(f"{name} LAGS the log: checkpoint seq {seq}, log head seq {report.log_head_seq} "
                        "(run `workitem-store project`)")

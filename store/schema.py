@@ -242,6 +242,8 @@ projection_checkpoints = Table(
     Column("last_seq", BigInteger, nullable=False, server_default=text("0")),
     Column("version", Integer, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # Rows in the projection's table, kept by the runner with each step (`status` reads it).
+    Column("rows", BigInteger, nullable=False, server_default=text("0")),
 )
 
 # Log rows a projection could not apply: skipped, recorded here (docs/RULES.md 6.1).

@@ -42,8 +42,10 @@ class VerifyReport:
     # (a store whose projections lag its log does not show what the log holds).
     lagging: dict[str, int] = field(default_factory=dict)
     log_head_seq: int = 0  # the log's last seq (head_seq is the last one verified)
-    # event_log_counts rows that disagree with the log (when the whole chain verified):
-    # [{"kind", "quarantine_reason", "duplicate", "counted": in the log, "recorded": in the table}]
+    # Kept counts that disagree with what they count: event_log_counts rows against the log
+    # ({"table": "event_log_counts", "kind", "quarantine_reason", "duplicate", "counted": in the
+    # log, "recorded": in the table}), projection_checkpoints.rows against the projection's table
+    # ({"table": "projection_checkpoints", "projection", "counted", "recorded"}).
     counts_mismatch: list[dict] = field(default_factory=list)
 
     @property
@@ -98,8 +100,8 @@ def verify_chain(conn: Connection, report: VerifyReport, chunk: int = 10_000) ->
 def _check_counts(conn: Connection, report: VerifyReport, counted: Counter) -> None:
     """event_log_counts (what ``status`` shows) against the counts of the verified log."""
     recorded = {(kind, reason, duplicate): n for kind, reason, duplicate, n in counts(conn)}
-    report.counts_mismatch = [
-        {"kind": kind, "quarantine_reason": reason, "duplicate": duplicate,
+    report.counts_mismatch += [
+        {"table": "event_log_counts", "kind": kind, "quarantine_reason": reason, "duplicate": duplicate,
          "counted": counted.get(key, 0), "recorded": recorded.get(key, 0)}
         for key in sorted(counted.keys() | recorded.keys(), key=str)
         if counted.get(key, 0) != recorded.get(key, 0)
@@ -143,6 +145,7 @@ def compare_projections(conn: Connection, report: VerifyReport, checkpoints: dic
     not grow with the log; then each table and its rebuilt twin are read in primary-key order
     and compared as two sorted streams.
     """
+    recorded = dict(conn.execute(select(projection_checkpoints.c.projection, projection_checkpoints.c.rows)).all())
     with tempfile.TemporaryDirectory(prefix="workitem-store-verify-") as tmp:
         scratch = open_store(f"sqlite:///{Path(tmp) / 'rebuilt.db'}")
         try:
@@ -154,8 +157,11 @@ def compare_projections(conn: Connection, report: VerifyReport, checkpoints: dic
                 with scratch.connect() as rebuilt:
                     for cls in PROJECTIONS:
                         if checkpoints[cls.name] == upto:
-                            _compare_table(cls.table, _sorted_rows(rebuilt, cls.table), _sorted_rows(conn, cls.table),
-                                           upto, report, examples)
+                            found = _compare_table(cls.table, _sorted_rows(rebuilt, cls.table),
+                                                   _sorted_rows(conn, cls.table), upto, report, examples)
+                            if found != recorded.get(cls.name, 0):
+                                report.counts_mismatch.append({"table": "projection_checkpoints", "projection": cls.name,
+                                                               "counted": found, "recorded": recorded.get(cls.name, 0)})
         finally:
             scratch.dispose()
 
@@ -174,9 +180,9 @@ def _sorted_rows(conn: Connection, table: Table) -> Iterator[tuple[tuple, tuple]
 
 
 def _compare_table(table: Table, expected: Iterator, found: Iterator, checkpoint: int, report: VerifyReport,
-                   examples: int) -> None:
+                   examples: int) -> int:
     """Merge two key-ordered streams of (key, row); a key in both with different rows counts as
-    one row missing and one unexpected."""
+    one row missing and one unexpected.  Returns how many rows ``found`` had."""
     columns = [col.name for col in table.columns]
     diff = {"checkpoint": checkpoint, "missing": 0, "unexpected": 0, "missing_examples": [],
             "unexpected_examples": []}
@@ -186,12 +192,15 @@ def _compare_table(table: Table, expected: Iterator, found: Iterator, checkpoint
         if len(diff[f"{kind}_examples"]) < examples:
             diff[f"{kind}_examples"].append(dict(zip(columns, map(str, row), strict=True)))
 
+    count = 0
     e, f = next(expected, None), next(found, None)
     while e is not None or f is not None:
         if f is None or (e is not None and e[0] < f[0]):
             note("missing", e[1])
             e = next(expected, None)
-        elif e is None or f[0] < e[0]:
+            continue
+        count += 1
+        if e is None or f[0] < e[0]:
             note("unexpected", f[1])
             f = next(found, None)
         else:
@@ -201,6 +210,7 @@ def _compare_table(table: Table, expected: Iterator, found: Iterator, checkpoint
             e, f = next(expected, None), next(found, None)
     if diff["missing"] or diff["unexpected"]:
         report.differences[table.name] = diff
+    return count
 
 
 def check_lag(conn: Connection, report: VerifyReport, checkpoints: dict[str, int]) -> None:

@@ -17,7 +17,7 @@ from helpers import bare, bayeux, data, envelope, at, fresh_url, log_rows, proje
 from store.cli import main
 from store.db import head_revision, open_store
 from store.projections import PROJECTIONS
-from store.schema import event_log, imported_files, workitems
+from store.schema import PROJECTION_TABLES, event_log, imported_files, workitems
 
 
 def run(*args, input=None, env=None, ok=True):
@@ -253,11 +253,30 @@ def test_verify_detects_counts_that_disagree_with_the_log(imported):
     assert json.loads(run("status", "--json", "--db", imported).output)["event_log"]["rows"] == 11
     result = run("verify", "--db", imported, ok=False)
     assert "chain ok: 6 rows" in result.output
-    assert "event_log_counts DISAGREES with the log for kind notification, quarantine reason None, " \
-           f"duplicate False: the log holds {plain} rows, the table says {plain + 5}" in result.output
+    assert "event_log_counts DISAGREES for kind notification, quarantine reason None, duplicate False: " \
+           f"the log holds {plain} rows, event_log_counts says {plain + 5}" in result.output
     report = json.loads(run("verify", "--json", "--db", imported, ok=False).output)
-    assert report["counts_mismatch"] == [{"kind": "notification", "quarantine_reason": None, "duplicate": False,
+    assert report["counts_mismatch"] == [{"table": "event_log_counts", "kind": "notification",
+                                          "quarantine_reason": None, "duplicate": False,
                                           "counted": plain, "recorded": plain + 5}]
+
+
+def test_status_reads_kept_row_counts_and_verify_checks_them(imported):
+    counted = json.loads(run("status", "--json", "--db", imported).output)["tables"]
+    engine = open_store(imported)
+    with engine.begin() as conn:
+        actual = {t.name: conn.execute(text(f"SELECT count(*) FROM {t.name}")).scalar_one()
+                  for t in (event_log, *PROJECTION_TABLES)}
+        assert all(actual.values())
+        conn.execute(text("UPDATE projection_checkpoints SET rows = 99 WHERE projection = 'request_outcomes'"))
+    engine.dispose()
+    assert {name: counted[name] for name in actual} == actual
+    report = json.loads(run("verify", "--json", "--db", imported, ok=False).output)
+    assert report["differences"] == {} and report["counts_mismatch"] == [
+        {"table": "projection_checkpoints", "projection": "request_outcomes",
+         "counted": actual["request_outcomes"], "recorded": 99}]
+    run("rebuild", "--db", imported)  # the counts are recomputed with the tables
+    run("verify", "--db", imported)
 
 
 # -- export / import --------------------------------------------------------------------------------

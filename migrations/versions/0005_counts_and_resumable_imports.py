@@ -4,6 +4,9 @@
 million rows).  log.py now adds each append's counts here in the same transaction; this
 revision fills the table from the log as it stands.
 
+``projection_checkpoints.rows``: the row count of each projection's table, kept by the runner
+in each step's transaction (filled here from the tables as they stand).
+
 ``imported_files.complete`` and ``resume_offset``: a large file is imported in several
 transactions (one transaction made the SQLite WAL grow to the size of the import); until the
 last one commits its record says complete = false and how many bytes of the file are in the
@@ -22,6 +25,8 @@ down_revision = "0004"
 branch_labels = None
 depends_on = None
 
+PROJECTION_TABLES = ("workitems", "workitem_transitions", "capability_history", "request_outcomes")
+
 
 def upgrade() -> None:
     op.create_table(
@@ -37,12 +42,19 @@ def upgrade() -> None:
         SELECT kind, COALESCE(quarantine_reason, ''), duplicate_of IS NOT NULL, count(*)
         FROM event_log GROUP BY kind, COALESCE(quarantine_reason, ''), duplicate_of IS NOT NULL
     """)
+    with op.batch_alter_table("projection_checkpoints") as batch:
+        batch.add_column(sa.Column("rows", sa.BigInteger(), nullable=False, server_default=sa.text("0")))
+    for table in PROJECTION_TABLES:
+        op.execute(f"UPDATE projection_checkpoints SET rows = (SELECT count(*) FROM {table}) "
+                   f"WHERE projection = '{table}'")
     with op.batch_alter_table("imported_files") as batch:
         batch.add_column(sa.Column("complete", sa.Boolean(), nullable=False, server_default=sa.true()))
         batch.add_column(sa.Column("resume_offset", sa.BigInteger(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("projection_checkpoints") as batch:
+        batch.drop_column("rows")
     with op.batch_alter_table("imported_files") as batch:
         batch.drop_column("resume_offset")
         batch.drop_column("complete")

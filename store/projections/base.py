@@ -35,6 +35,7 @@ class Projection:
         self.complete = complete
         self.state: dict[Any, Any] = {}
         self.errors: list[dict] = []  # rows for projection_errors: events this projection skipped
+        self.created = 0  # rows this instance added to its table (projection_checkpoints.rows)
 
     def key(self, event: Event) -> Any | None:
         """The state key a notification touches, or None when the projection ignores it."""

@@ -54,6 +54,7 @@ class CapabilityHistory(Projection):
         for capability in now:
             if capability not in open_:
                 open_[capability] = event.seq
+                self.created += 1
                 self.inserts[(wid, capability, event.seq)] = {
                     "workitem_id": wid, "capability": capability, "granted_seq": event.seq,
                     "granted_at": event.received_at, "revoked_seq": None, "revoked_at": None,

@@ -39,6 +39,7 @@ class RequestOutcomes(Projection):
             return
         row = self.state.get(key)
         if row is None:
+            self.created += 1
             row = self.state[key] = {
                 "source": event.source, "reference_id": event.reference_id, "workitem_id": None,
                 "outcome": "succeeded", "error_code": None, "error_message": None,

@@ -44,10 +44,14 @@ def _lock_checkpoints(conn: Connection) -> dict[str, tuple[int, int]]:
     return {name: (last_seq, version) for name, last_seq, version in rows}
 
 
-def _save_checkpoints(conn: Connection, projections: list[Projection], seq: int) -> None:
+def _save_checkpoints(conn: Connection, projections: list[Projection], seq: int,
+                      rows: dict[str, int] | None = None) -> None:
+    """Each projection's checkpoint: ``seq``, its version and its table's row count (``rows``
+    before this step, default 0, plus what the step added)."""
     now = dt.datetime.now(dt.timezone.utc)
     insert_rows(conn, checkpoints, [
-        {"projection": p.name, "last_seq": seq, "version": p.version, "updated_at": now}
+        {"projection": p.name, "last_seq": seq, "version": p.version, "updated_at": now,
+         "rows": (rows or {}).get(p.name, 0) + p.created}
         for p in projections
     ], replace=True)
 
@@ -77,8 +81,9 @@ def _step(conn: Connection, after: int, upto: int, progress: Progress | None, he
     state: memory holds one step's keys, whatever the size of the log.  ``after`` 0 means the
     tables are empty (the state then needs no loads)."""
     projections = [cls(complete=after == 0) for cls in PROJECTIONS]
+    rows = {} if after == 0 else dict(conn.execute(select(checkpoints.c.projection, checkpoints.c.rows)).all())
     applied = _run(conn, projections, after, upto, progress, head_seq, source)
-    _save_checkpoints(conn, projections, upto)
+    _save_checkpoints(conn, projections, upto, rows)
     return applied
 
 
@@ -137,8 +142,8 @@ def replay(conn: Connection, after: int, upto: int, progress: Progress | None = 
     applied = 0
     for step in range(after, upto, TRANSACTION_EVENTS):
         applied += _step(conn, step, min(upto, step + TRANSACTION_EVENTS), progress, upto, source)
-    if after == upto:
-        _save_checkpoints(conn, [cls() for cls in PROJECTIONS], upto)
+    if after == upto == 0:  # an empty log: checkpoints at 0 all the same
+        _save_checkpoints(conn, [cls() for cls in PROJECTIONS], 0)
     return applied
 
 

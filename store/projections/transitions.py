@@ -52,6 +52,7 @@ class WorkitemTransitions(Projection):
         if new is None or new == old:
             return
         self.state[wid] = new
+        self.created += 1
         self.pending.append({
             "workitem_id": wid, "seq": event.seq, "at": event.received_at,
             "from_state": old, "to_state": new, "notification_type": event.notification_type,

@@ -100,7 +100,8 @@ class Workitems(Projection):
 
     def _row(self, event, wid: str) -> dict:
         row = self.state.get(wid)
-        if row is None:
+        if row is None:  # (state holds every row of the table about the keys seen: this one is new)
+            self.created += 1
             row = self.state[wid] = {
                 "workitem_id": wid, "state": None, "workitem_type": None, "uri": None,
                 "capabilities": None, "user_data": None, "first_seq": event.seq,
