@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import orjson
-from sqlalchemy import Connection, and_, func, or_, select, text
+from sqlalchemy import JSON, Connection, Text, and_, bindparam, cast, column, func, or_, select, text, true
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .db import insert_rows
@@ -140,22 +140,27 @@ def _first_copies_in_lists(conn: Connection, keys: set[tuple[str, str]]) -> dict
 # lookup under jit_above_cost (JIT compiling took longer than the lookup).  GROUP BY, and
 # OFFSET 0, keep the LATERAL subquery from being flattened into a join, which could be planned
 # as a hash join over the whole log.
-_FIRST_COPIES_PROBED = text("""\
-SELECT k.source, k.message_id, f.payload_sha256, f.seq
-FROM json_to_recordset(CAST(:keys AS json)) AS k(source text, message_id text)
-CROSS JOIN LATERAL (
-    SELECT e.payload_sha256, min(e.seq) AS seq FROM event_log AS e
-    WHERE e.source = k.source AND e.message_id = k.message_id AND e.duplicate_of IS NULL
-    GROUP BY e.payload_sha256
-) AS f""")
-_COPIES_BY_PAYLOAD_PROBED = text(f"""\
-SELECT e.seq, e.source, e.payload_sha256, e.session, e.received_at, e.duplicate_of
-FROM json_array_elements_text(CAST(:digests AS json)) AS k(digest)
-CROSS JOIN LATERAL (
-    SELECT e.seq, e.source, e.payload_sha256, e.session, e.received_at, e.duplicate_of FROM event_log AS e
-    WHERE e.message_id IS NULL AND e.payload_sha256 = k.digest AND e.kind = '{NOTIFICATION}'
-    OFFSET 0
-) AS e""")
+def _json_rows(name: str, function, *columns, typed: bool = False):
+    """A set-returning JSON function of the bind parameter ``name`` (JSON text), as a table
+    (``typed``: with its column definition list, for a function returning records)."""
+    return function(cast(bindparam(name, type_=Text), JSON)).table_valued(*columns).render_derived(
+        name="k", with_types=typed)
+
+
+_keys = _json_rows("keys", func.json_to_recordset, column("source", Text), column("message_id", Text), typed=True)
+_e = event_log.alias("e")
+_first = (select(_e.c.payload_sha256, func.min(_e.c.seq).label("seq"))
+          .where(_e.c.source == _keys.c.source, _e.c.message_id == _keys.c.message_id, _e.c.duplicate_of.is_(None))
+          .group_by(_e.c.payload_sha256).lateral("f"))
+_FIRST_COPIES_PROBED = select(_keys.c.source, _keys.c.message_id, _first.c.payload_sha256, _first.c.seq) \
+    .select_from(_keys.join(_first, true()))
+_PAYLOAD_COLUMNS = (event_log.c.seq, event_log.c.source, event_log.c.payload_sha256, event_log.c.session,
+                    event_log.c.received_at, event_log.c.duplicate_of)
+_digests = _json_rows("digests", func.json_array_elements_text, column("digest", Text))
+_copies = (select(*(_e.c[col.name] for col in _PAYLOAD_COLUMNS))
+           .where(_e.c.message_id.is_(None), _e.c.payload_sha256 == _digests.c.digest, _e.c.kind == NOTIFICATION)
+           .offset(0).lateral("c"))
+_COPIES_BY_PAYLOAD_PROBED = select(*_copies.c).select_from(_digests.join(_copies, true()))
 
 
 def _first_copies_probed(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str, str], int]:
@@ -164,10 +169,6 @@ def _first_copies_probed(conn: Connection, keys: set[tuple[str, str]]) -> dict[t
     keys_json = orjson.dumps([{"source": s, "message_id": i} for s, i in sorted(keys)]).decode()
     rows = conn.execute(_FIRST_COPIES_PROBED, {"keys": keys_json})
     return {(source, message_id, digest): seq for source, message_id, digest, seq in rows}
-
-
-_PAYLOAD_COLUMNS = (event_log.c.seq, event_log.c.source, event_log.c.payload_sha256, event_log.c.session,
-                    event_log.c.received_at, event_log.c.duplicate_of)
 
 
 def _copies_by_payload(conn: Connection, digests: set[str]) -> dict[tuple[str, str], list[_Copy]]:
@@ -196,8 +197,7 @@ def _payload_rows_in_lists(conn: Connection, digests: list[str]) -> list[tuple]:
 
 
 def _payload_rows_probed(conn: Connection, digests: list[str]) -> list[tuple]:
-    query = _COPIES_BY_PAYLOAD_PROBED.columns(*_PAYLOAD_COLUMNS)  # typed: received_at read as UTC
-    return conn.execute(query, {"digests": orjson.dumps(digests).decode()}).all()
+    return conn.execute(_COPIES_BY_PAYLOAD_PROBED, {"digests": orjson.dumps(digests).decode()}).all()
 
 
 def session_start(conn: Connection, session: str, context: AppendContext) -> dt.datetime | None:
