@@ -47,7 +47,7 @@ _SQLITE_TEXT: dict[dt.datetime, str] = {}
 
 
 def _remember(value: dt.datetime, text: str) -> None:
-    if len(_SQLITE_TEXT) > 200_000:
+    if len(_SQLITE_TEXT) > 50_000:  # (a projection step writes 20,000 events)
         _SQLITE_TEXT.clear()
     _SQLITE_TEXT[value] = text
 

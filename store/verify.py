@@ -223,7 +223,7 @@ def verify(conn: Connection) -> VerifyReport:
     report = VerifyReport()
     with collections_postponed():  # millions of small acyclic objects, as in rebuild
         verify_chain(conn, report)
-        checkpoints = _checkpoints(conn)
-        check_lag(conn, report, checkpoints)
-        compare_projections(conn, report, checkpoints)
+    checkpoints = _checkpoints(conn)
+    check_lag(conn, report, checkpoints)
+    compare_projections(conn, report, checkpoints)  # (replayed in steps, each postponing the collector)
     return report
