@@ -1031,7 +1031,7 @@ def bench(events, workdir, db_url, steps):
     A ratio such as "append / raw insert: 0.52x" is append's rate divided by the baseline's:
     the share of the time that is the database writing the rows; the rest is the store's own
     work.  Last come the goals, each marked ok or MISSED: rebuild >= 50,000 events/s; append >=
-    0.45x raw insert and import >= 25,000 events/s on SQLite; import >= 0.4x raw COPY on
+    0.45x raw insert and import >= 25,000 events/s on SQLite; append >= 0.4x raw COPY on
     PostgreSQL; peak RSS < 500 MB in each store step; history and state median < 5 ms.
 
     \b
