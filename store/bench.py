@@ -615,7 +615,7 @@ def _run(events: int, tmp: Path, target, steps: tuple[str, ...]) -> Iterator[str
         yield _goal(label, skipped, None)
     # The "PostgreSQL import >= 0.4 of a raw COPY of the same rows": the import of the
     # rows into the log (import --no-project, the append step), which is what COPY does too.
-    label = f"append (import --no-project) >= {IMPORT_RATIO_POSTGRESQL} of raw COPY (PostgreSQL)"
+    label = f"append >= {IMPORT_RATIO_POSTGRESQL} of raw COPY (PostgreSQL)"
     if not postgres:
         yield _goal(label, other, None)
     elif "append" in ratios:
