@@ -576,55 +576,53 @@ def _run(events: int, tmp: Path, target, steps: tuple[str, ...]) -> Iterator[str
                        + (f" (target >= {aim})" if aim is not None else ""))
 
     yield "goals:"
-    sqlite, postgres = target.backend == "sqlite", target.backend == "postgresql"
-    other = "not this run: PostgreSQL only (--db)" if sqlite else "not this run: SQLite only (no --db)"
-    skipped = "not measured (step not run)"
-    if "rebuild" in results:
-        rate = _rate(results["rebuild"])
-        yield _goal(f"rebuild >= {REBUILD_RATE:,} events/s", f"{rate:,.0f} events/s", rate >= REBUILD_RATE)
-    else:
-        yield _goal(f"rebuild >= {REBUILD_RATE:,} events/s", skipped, None)
-    label = f"append >= {APPEND_RATIO_SQLITE} of raw insert (SQLite)"
-    if not sqlite:
-        yield _goal(label, other, None)
-    elif "append" in ratios:
-        yield _goal(label, f"{ratios['append']:.2f}x", ratios["append"] >= APPEND_RATIO_SQLITE)
-    else:
-        yield _goal(label, skipped, None)
-    label = f"import >= {IMPORT_RATE_SQLITE:,} events/s (SQLite)"
-    if not sqlite:
-        yield _goal(label, other, None)
-    elif "import" in results:
-        rate = _rate(results["import"])
-        yield _goal(label, f"{rate:,.0f} events/s", rate >= IMPORT_RATE_SQLITE)
-    else:
-        yield _goal(label, skipped, None)
-    store_steps = {k: v for k, v in results.items() if k != "raw"}
-    if store_steps:
-        worst = max(store_steps, key=lambda k: store_steps[k]["rss_mb"])
-        peak = store_steps[worst]["rss_mb"]
-        yield _goal(f"peak RSS of each step < {RSS_MB} MB", f"max {peak:.0f} MB ({worst})", peak < RSS_MB)
-    else:
-        yield _goal(f"peak RSS of each step < {RSS_MB} MB", skipped, None)
-    label = f"history, state --as-of < {AUDIT_MS:g} ms (median)"
-    if "audit" in results:
-        medians = {name: statistics.median(results["audit"][f"{name}_ms"]) for name in ("history", "state")}
-        worst = max(medians, key=medians.get)
-        yield _goal(label, f"{medians[worst]:.2f} ms ({worst})", medians[worst] < AUDIT_MS)
-    else:
-        yield _goal(label, skipped, None)
-    # The issue's "PostgreSQL import >= 0.4 of a raw COPY of the same rows": the import of the
-    # rows into the log (import --no-project, the append step), which is what COPY does too.
-    label = f"append >= {IMPORT_RATIO_POSTGRESQL} of raw COPY (PostgreSQL)"
-    if not postgres:
-        yield _goal(label, other, None)
-    elif "append" in ratios:
-        yield _goal(label, f"{ratios['append']:.2f}x", ratios["append"] >= IMPORT_RATIO_POSTGRESQL)
-    else:
-        yield _goal(label, skipped, None)
+    yield from _goals(results, ratios, target.backend)
     if "verify" in results and not results["verify"]["ok"]:
         yield "verify FAILED on the benchmark's store: the rates above are of a store that is not consistent"
     yield f"measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"
+
+
+def _goals(results: dict, ratios: dict, backend: str) -> Iterator[str]:
+    """The issue's goals, each measured (ok or MISSED), or n/a with why."""
+    def rate(step: str, goal: int) -> tuple[str, bool]:
+        value = _rate(results[step])
+        return f"{value:,.0f} events/s", value >= goal
+
+    def append_ratio(goal: float) -> tuple[str, bool]:
+        return f"{ratios['append']:.2f}x", ratios["append"] >= goal
+
+    def peak_rss() -> tuple[str, bool]:
+        steps = {k: v for k, v in results.items() if k != "raw"}
+        worst = max(steps, key=lambda k: steps[k]["rss_mb"])
+        return f"max {steps[worst]['rss_mb']:.0f} MB ({worst})", steps[worst]["rss_mb"] < RSS_MB
+
+    def audit() -> tuple[str, bool]:
+        medians = {name: statistics.median(results["audit"][f"{name}_ms"]) for name in ("history", "state")}
+        worst = max(medians, key=medians.get)
+        return f"{medians[worst]:.2f} ms ({worst})", medians[worst] < AUDIT_MS
+
+    # (label, the engine it is about or None, measured in this run, measure).  The issue's
+    # "PostgreSQL import >= 0.4 of a raw COPY of the same rows" is the import of the rows into the
+    # log (import --no-project, the append step), which is what COPY does too.
+    goals = [
+        (f"rebuild >= {REBUILD_RATE:,} events/s", None, "rebuild" in results, lambda: rate("rebuild", REBUILD_RATE)),
+        (f"append >= {APPEND_RATIO_SQLITE} of raw insert (SQLite)", "sqlite", "append" in ratios,
+         lambda: append_ratio(APPEND_RATIO_SQLITE)),
+        (f"import >= {IMPORT_RATE_SQLITE:,} events/s (SQLite)", "sqlite", "import" in results,
+         lambda: rate("import", IMPORT_RATE_SQLITE)),
+        (f"peak RSS of each step < {RSS_MB} MB", None, any(k != "raw" for k in results), peak_rss),
+        (f"history, state --as-of < {AUDIT_MS:g} ms (median)", None, "audit" in results, audit),
+        (f"append >= {IMPORT_RATIO_POSTGRESQL} of raw COPY (PostgreSQL)", "postgresql", "append" in ratios,
+         lambda: append_ratio(IMPORT_RATIO_POSTGRESQL)),
+    ]
+    other = "not this run: PostgreSQL only (--db)" if backend == "sqlite" else "not this run: SQLite only (no --db)"
+    for label, engine, measured, measure in goals:
+        if engine not in (None, backend):
+            yield _goal(label, other, None)
+        elif not measured:
+            yield _goal(label, "not measured (step not run)", None)
+        else:
+            yield _goal(label, *measure())
 
 
 if __name__ == "__main__":

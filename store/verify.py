@@ -129,13 +129,14 @@ def _canonical(row: Mapping, columns: list[str], json_columns: set[str]) -> tupl
     return tuple(_json_text(row[c]) if c in json_columns and row[c] is not None else row[c] for c in columns)
 
 
-def _checkpoints(conn: Connection) -> dict[str, int]:
-    """Each projection's checkpoint (0 when it has none)."""
-    stored = dict(conn.execute(select(projection_checkpoints.c.projection, projection_checkpoints.c.last_seq)).all())
-    return {cls.name: stored.get(cls.name, 0) for cls in PROJECTIONS}
+def _checkpoints(conn: Connection) -> dict[str, tuple[int, int]]:
+    """Each projection's checkpoint and kept row count ((0, 0) when it has none)."""
+    c = projection_checkpoints.c
+    stored = {name: (seq, rows) for name, seq, rows in conn.execute(select(c.projection, c.last_seq, c.rows))}
+    return {cls.name: stored.get(cls.name, (0, 0)) for cls in PROJECTIONS}
 
 
-def compare_projections(conn: Connection, report: VerifyReport, checkpoints: dict[str, int],
+def compare_projections(conn: Connection, report: VerifyReport, checkpoints: dict[str, tuple[int, int]],
                         examples: int = 3) -> None:
     """Compare every projection table with the rows a rebuild from the log gives at its
     checkpoint.
@@ -145,23 +146,23 @@ def compare_projections(conn: Connection, report: VerifyReport, checkpoints: dic
     not grow with the log; then each table and its rebuilt twin are read in primary-key order
     and compared as two sorted streams.
     """
-    recorded = dict(conn.execute(select(projection_checkpoints.c.projection, projection_checkpoints.c.rows)).all())
     with tempfile.TemporaryDirectory(prefix="workitem-store-verify-") as tmp:
         scratch = open_store(f"sqlite:///{Path(tmp) / 'rebuilt.db'}")
         try:
             reached = 0
-            for upto in sorted(set(checkpoints.values())):
+            for upto in sorted({seq for seq, _ in checkpoints.values()}):
                 with write_transaction(scratch) as rebuilt:
                     runner.replay(rebuilt, reached, upto, source=conn)
                 reached = upto
                 with scratch.connect() as rebuilt:
                     for cls in PROJECTIONS:
-                        if checkpoints[cls.name] == upto:
+                        seq, recorded = checkpoints[cls.name]
+                        if seq == upto:
                             found = _compare_table(cls.table, _sorted_rows(rebuilt, cls.table),
                                                    _sorted_rows(conn, cls.table), upto, report, examples)
-                            if found != recorded.get(cls.name, 0):
+                            if found != recorded:
                                 report.counts_mismatch.append({"table": "projection_checkpoints", "projection": cls.name,
-                                                               "counted": found, "recorded": recorded.get(cls.name, 0)})
+                                                               "counted": found, "recorded": recorded})
         finally:
             scratch.dispose()
 
@@ -213,10 +214,10 @@ def _compare_table(table: Table, expected: Iterator, found: Iterator, checkpoint
     return count
 
 
-def check_lag(conn: Connection, report: VerifyReport, checkpoints: dict[str, int]) -> None:
+def check_lag(conn: Connection, report: VerifyReport, checkpoints: dict[str, tuple[int, int]]) -> None:
     """Projections whose checkpoint is not the log's head."""
     report.log_head_seq = head(conn)[0]
-    report.lagging = {name: seq for name, seq in checkpoints.items() if seq != report.log_head_seq}
+    report.lagging = {name: seq for name, (seq, _) in checkpoints.items() if seq != report.log_head_seq}
 
 
 def verify(conn: Connection) -> VerifyReport:
