@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from . import audit, db, export, output, query as query_mod, status as status_mod, verify as verify_mod
+from . import audit, db, export, output, proofs, query as query_mod, seals, status as status_mod, verify as verify_mod
 from .ingest import files
 from .projections import runner
 from .simulate import FORMATS, simulate as simulate_lines
@@ -124,8 +124,12 @@ def init():
 @click.option("--again", is_flag=True, help="Import a file even if the same content was imported before.")
 @click.option("--no-project", is_flag=True, help="Only append to the log; run `project` later.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--seal-key", type=click.Path(dir_okay=False), metavar="KEYFILE", envvar=seals.KEY_ENV,
+              help=f"Seal the log's head after the import (see `seal`); default ${seals.KEY_ENV}.")
+@click.option("--witness", type=click.Path(dir_okay=False), metavar="FILE", envvar=seals.WITNESS_ENV,
+              help=f"With a seal key: also append the seal to this witness file; default ${seals.WITNESS_ENV}.")
 @db_option
-def import_(paths, source, again, no_project, as_json):
+def import_(paths, source, again, no_project, as_json, seal_key, witness):
     """Append JSONL notifications to the log, then bring the projections up to date.
 
     Each line is an envelope {"received_at", "source", "message"} (what export writes), a Bayeux
@@ -142,8 +146,9 @@ def import_(paths, source, again, no_project, as_json):
       workitem-store import captured.jsonl
       cat more.jsonl | workitem-store import - --source agent7
     """
+    sealing = seals.Sealing.configured(seal_key, witness)
     engine = _engine()
-    summaries, projected = [], None
+    summaries, projected, sealed = [], None, None
     try:
         for path in paths:
             summaries.append(_import_one(engine, path, source, again))
@@ -154,9 +159,14 @@ def import_(paths, source, again, no_project, as_json):
             bar, update = _project_progress("projecting")
             with bar:
                 projected = runner.project(engine, progress=update)
+        if summaries and sealing:  # and sealed
+            sealed = sealing.seal(engine)
+            if not as_json:
+                _print_seal(sealed)
     if as_json:
         _echo_json({"imports": [vars(s) for s in summaries],
-                    "projected": vars(projected) if projected else None})
+                    "projected": vars(projected) if projected else None,
+                    "seal": sealed.as_dict() if sealed else None})
     elif projected:
         click.echo(f"projections up to date at seq {projected.to_seq} ({projected.applied} events applied)")
 
@@ -291,10 +301,19 @@ class ByteSize(click.ParamType):
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, metavar="PORT",
               help="Serve /metrics (Prometheus) and /healthz on 127.0.0.1:PORT (0: any free port).")
 @click.option("--no-project", is_flag=True, help="Only append to the log (run `project --follow` elsewhere).")
+@click.option("--seal-key", type=click.Path(dir_okay=False), metavar="KEYFILE", envvar=seals.KEY_ENV,
+              help=f"Seal the log's head every --seal-every seconds and at shutdown (see `seal`); default "
+                   f"${seals.KEY_ENV}, else the config file's seal_key.  Without a key nothing is sealed.")
+@click.option("--witness", type=click.Path(dir_okay=False), metavar="FILE", envvar=seals.WITNESS_ENV,
+              help=f"Also append each seal to this witness file; default ${seals.WITNESS_ENV}, else the config "
+                   "file's witness.")
+@click.option("--seal-every", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+              help="Seconds between seals (default: the config file's seal_every, else 600).")
 @click.option("-v", "--verbose", is_flag=True, help="Log each appended batch.")
 @db_option
 def ingest(gws_url, user, password_env, source, config_path, ca_file, client_cert, client_key, proxy,
-           notifications_path, spool_dir, spool_max, metrics_port, no_project, verbose):
+           notifications_path, spool_dir, spool_max, metrics_port, no_project, seal_key, witness, seal_every,
+           verbose):
     """Follow GWS workitem notifications live (CometD /v2/me/workitems) into the log.
 
     Each session handshakes with HTTP Basic auth (and the CSRF token of GET /api/v2/me, where
@@ -445,60 +464,172 @@ def status(as_json):
 
 
 @main.command()
+@click.option("--witness", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Also check the seals of this witness file: every one signed, linked, in the store's seals "
+                   "table alike, and holding in the log; every seal the store wrote to a witness is in it.")
+@click.option("--public-key", type=click.Path(exists=True, dir_okay=False), metavar="KEYFILE.pub",
+              help="Check each seal's signature with this public key (`keygen` wrote it).")
+@click.option("--since-last-seal", is_flag=True,
+              help="Check the chain only from the newest seal that holds to the head (and the seals); the "
+                   "projections are not compared.  Fast enough to run daily; the default checks everything.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @db_option
-def verify(as_json):
-    """Recompute the hash chain and compare every projection with a fresh rebuild.
+def verify(witness, public_key, since_last_seal, as_json):
+    """Check the seals, the hash chain and every projection against a fresh rebuild.
 
-    Exits 1 on any difference: a broken chain link (first one: seq, expected, found), a row
-    whose extracted columns (channel, message_id, ..., reference_id) disagree with its payload,
-    a projection row that a rebuild from the log would not produce, projections that lag
-    the log (their checkpoint is not the head: run `project` first), or row counts kept for
-    `status` (event_log_counts, projection_checkpoints.rows) that disagree with the tables.
+    Exits 1 on any of: a seal that no longer holds (its signature, its link to the seal before,
+    the log's chain_hash at its seq, or a log shorter than it: TRUNCATED), a log shorter than
+    what the store remembers (imported files' seq ranges, projection checkpoints, kept row
+    counts), a broken chain link (first one: seq, expected, found), a row whose extracted
+    columns (channel, message_id, ..., reference_id) disagree with its payload, a projection row
+    that a rebuild from the log would not produce, projections that lag the log (their checkpoint
+    is not the head: run `project` first), or row counts kept for `status` (event_log_counts,
+    projection_checkpoints.rows) that disagree with the tables.
 
     \b
     Example:
       workitem-store verify
+      workitem-store verify --witness /mnt/worm/seals.jsonl --public-key seal.key.pub
+      workitem-store verify --since-last-seal --witness /mnt/worm/seals.jsonl --public-key seal.key.pub
     """
+    key = seals.load_public_key(public_key) if public_key else None
     with db.snapshot(_query_engine()) as conn:
-        report = verify_mod.verify(conn)
+        report = verify_mod.verify(conn, witness, key, since_last_seal)
     if as_json:
-        _echo_json({"ok": report.ok, "rows": report.rows, "head_seq": report.head_seq,
-                    "chain_head": report.head_hash,
-                    "chain_break": vars(report.chain_break) if report.chain_break else None,
-                    "column_mismatch": vars(report.column_mismatch) if report.column_mismatch else None,
-                    "differences": report.differences, "lagging": report.lagging,
-                    "counts_mismatch": report.counts_mismatch})
+        _echo_json(_verify_json(report))
     else:
-        brk = report.chain_break
-        if brk:
-            click.echo(output.safe_text(f"chain BROKEN at seq {brk.seq}: {brk.what} expected {brk.expected}, "
-                                        f"found {brk.found}"))
-        else:
-            click.echo(output.safe_text(f"chain ok: {report.rows} rows, head seq {report.head_seq} {report.head_hash}"))
-        bad = report.column_mismatch
-        if bad:
-            click.echo(output.safe_text(f"event_log column {bad.what} at seq {bad.seq} DISAGREES with the payload: "
-                                        f"expected {bad.expected}, found {bad.found}"))
-        for table, diff in report.differences.items():
-            click.echo(f"{table} DIFFERS from a rebuild at seq {diff['checkpoint']}: "
-                       f"{diff['missing']} rows missing, {diff['unexpected']} unexpected")
-            for kind in ("missing", "unexpected"):
-                for example in diff[f"{kind}_examples"]:
-                    click.echo(output.safe_text(f"  {kind}: {example}"))
-        for c in report.counts_mismatch:
-            counted = (f"for kind {c['kind']}, quarantine reason {c['quarantine_reason']!r}, duplicate "
-                       f"{c['duplicate']}: the log holds" if c["table"] == "event_log_counts" else
-                       f"for {c['projection']}: its table holds")
-            click.echo(output.safe_text(f"{c['table']} DISAGREES {counted} {c['counted']} rows, "
-                                        f"{c['table']} says {c['recorded']}"))
-        for name, seq in report.lagging.items():
-            click.echo(f"{name} LAGS the log: checkpoint seq {seq}, log head seq {report.log_head_seq} "
-                       "(run `workitem-store project`)")
-        if not report.differences:
-            click.echo("projections ok: equal to a rebuild from the log" +
-                       (" at their checkpoints" if report.lagging else ""))
+        _print_verify(report)
     sys.exit(0 if report.ok else 1)
+
+
+def _verify_json(report: verify_mod.VerifyReport) -> dict:
+    sealed = report.seals
+    return {"ok": report.ok, "rows": report.rows, "head_seq": report.head_seq, "chain_head": report.head_hash,
+            "chain_break": vars(report.chain_break) if report.chain_break else None,
+            "column_mismatch": vars(report.column_mismatch) if report.column_mismatch else None,
+            "differences": report.differences, "lagging": report.lagging,
+            "counts_mismatch": report.counts_mismatch, "truncated": report.truncated,
+            "seals": None if sealed is None else {
+                "checked": sealed.seals, "in_witness": sealed.witness_seals,
+                "signatures_checked": sealed.signatures_checked,
+                "last_valid": sealed.last_valid.as_dict() if sealed.last_valid else None,
+                "problems": [vars(p) for p in sealed.problems]},
+            "since_seal": report.since_seal.n if report.since_seal else None}
+
+
+def _print_verify(report: verify_mod.VerifyReport) -> None:
+    say = lambda line: click.echo(output.safe_text(line))  # noqa: E731
+    sealed = report.seals
+    if sealed is not None and sealed.seals:
+        signed = "signatures checked" if sealed.signatures_checked else "signatures NOT checked (no --public-key)"
+        if sealed.problems:
+            first = sealed.first_broken
+            holds = (f"; the last seal that holds is {sealed.last_valid.n} (seq {sealed.last_valid.seq})"
+                     if sealed.last_valid else "")
+            differs = _first_difference(report, first)
+            say(f"seals BROKEN: {first}{holds}{differs}")
+            for problem in sealed.problems[1:]:
+                say(f"  also: {problem}")
+        else:
+            last = sealed.last_valid
+            say(f"seals ok: {sealed.seals} seals, {signed}, newest {last.n} at seq {last.seq} sealed {last.sealed_at}")
+    elif sealed is not None:
+        say("no seals: nothing outside this database vouches for the log (see `workitem-store seal`)")
+    for t in report.truncated:
+        say(f"log TRUNCATED: it ends at seq {report.log_head_seq} but {t['table']} records rows up to seq {t['seq']}")
+    brk = report.chain_break
+    since = f" from seal {report.since_seal.n} (seq {report.since_seal.seq})" if report.since_seal else ""
+    if brk:
+        say(f"chain BROKEN at seq {brk.seq}: {brk.what} expected {brk.expected}, found {brk.found}")
+    else:
+        say(f"chain ok{since}: {report.rows} rows, head seq {report.head_seq} {report.head_hash}")
+    bad = report.column_mismatch
+    if bad:
+        say(f"event_log column {bad.what} at seq {bad.seq} DISAGREES with the payload: "
+            f"expected {bad.expected}, found {bad.found}")
+    for table, diff in report.differences.items():
+        say(f"{table} DIFFERS from a rebuild at seq {diff['checkpoint']}: "
+            f"{diff['missing']} rows missing, {diff['unexpected']} unexpected")
+        for kind in ("missing", "unexpected"):
+            for example in diff[f"{kind}_examples"]:
+                say(f"  {kind}: {example}")
+    for c in report.counts_mismatch:
+        counted = (f"for kind {c['kind']}, quarantine reason {c['quarantine_reason']!r}, duplicate "
+                   f"{c['duplicate']}: the log holds" if c["table"] == "event_log_counts" else
+                   f"for {c['projection']}: its table holds")
+        say(f"{c['table']} DISAGREES {counted} {c['counted']} rows, {c['table']} says {c['recorded']}")
+    for name, seq in report.lagging.items():
+        say(f"{name} LAGS the log: checkpoint seq {seq}, log head seq {report.log_head_seq} "
+            "(run `workitem-store project`)")
+    if not report.projections_compared:
+        say("projections not compared (--since-last-seal)")
+    elif not report.differences:
+        say("projections ok: equal to a rebuild from the log" + (" at their checkpoints" if report.lagging else ""))
+
+
+def _first_difference(report: verify_mod.VerifyReport, problem) -> str:
+    """Where the first changed row is, as far as the chain and the seals tell."""
+    if report.chain_break is not None:
+        return f"; the first row that differs is seq {report.chain_break.seq}"
+    if problem.seq is None or problem.n is None:
+        return ""
+    after = report.seals.last_valid.seq if report.seals.last_valid else 0
+    if after < problem.seq <= report.log_head_seq:
+        return (f"; the first row that differs is between seq {after + 1} and {problem.seq} "
+                "(the chain was recomputed over it)")
+    return ""
+
+
+@main.command()
+@click.argument("keyfile", type=click.Path(dir_okay=False))
+def keygen(keyfile):
+    """Make an Ed25519 key pair for seals: the private key to KEYFILE (mode 0600), the public key to
+    KEYFILE.pub.  Neither is ever overwritten.
+
+    Keep KEYFILE where only the sealing process reads it; give KEYFILE.pub to auditors.
+
+    \b
+    Example:
+      workitem-store keygen /etc/workitem-store/seal.key
+    """
+    with _errors():
+        private_path, public_path = seals.keygen(keyfile)
+        key_id = seals.key_id(seals.load_public_key(public_path))
+    for line in (f"private key: {private_path} (mode 0600)", f"public key:  {public_path}", f"key id:      {key_id}"):
+        click.echo(output.safe_text(line))
+
+
+def _print_seal(made: seals.Seal) -> None:
+    where = "the seals table and the witness file" if made.witnessed else "the seals table"
+    click.echo(f"sealed: seal {made.n}, seq {made.seq}, chain_hash {made.chain_hash}, {made.sealed_at} "
+               f"(in {where})")
+
+
+@main.command()
+@click.option("--key", "key_path", type=click.Path(dir_okay=False), metavar="KEYFILE", envvar=seals.KEY_ENV,
+              required=True, help=f"The private key (`keygen`); default ${seals.KEY_ENV}.")
+@click.option("--witness", type=click.Path(dir_okay=False), metavar="FILE", envvar=seals.WITNESS_ENV,
+              help="Also append the seal to this file (JSON Lines, append-only, fsync'd): keep it outside the "
+                   f"database, on WORM storage or in a SIEM; default ${seals.WITNESS_ENV}.")
+@click.option("--json", "as_json", is_flag=True, help="Print the seal as JSON.")
+@db_option
+def seal(key_path, witness, as_json):
+    """Sign the log's head (seq, chain_hash, row count, time, store id) and record the seal in the
+    store's seals table and, with --witness, in a witness file.
+
+    Anyone with the public key can then check that the log still holds what was sealed
+    (`verify --witness FILE --public-key KEYFILE.pub`), or that one row is in it (`prove`,
+    `check-proof`).
+
+    \b
+    Example:
+      workitem-store seal --key /etc/workitem-store/seal.key --witness /mnt/worm/seals.jsonl
+    """
+    made = seals.seal(_engine(), seals.load_private_key(key_path), witness)
+    if as_json:
+        _echo_json(made.as_dict())
+    else:
+        _print_seal(made)
 
 
 OUTPUT_HELP = ("File to write (default: standard output).  It is written whole or not at all (a temporary "
@@ -529,6 +660,47 @@ def export_(output_path, force, after_seq, upto_seq):
     with _output_file(output_path, force) as out, db.snapshot(_query_engine()) as conn:
         for line in export.export_lines(conn, after_seq, upto_seq):
             out.write(line + "\n")
+
+
+@main.command()
+@click.argument("seq", type=click.IntRange(min=1))
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), default="-", help=OUTPUT_HELP)
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+@db_option
+def prove(seq, output_path, force):
+    """Write a proof that the log row SEQ is in the log unaltered, checkable without the database:
+    the row (payload included), the chain links from it to the next seal, and that seal.
+
+    Its size grows with the rows between SEQ and the next seal (about 300 bytes a row).
+
+    \b
+    Example:
+      workitem-store prove 1234 -o proof.json
+      workitem-store check-proof proof.json --public-key seal.key.pub
+    """
+    with db.snapshot(_query_engine()) as conn:
+        proof = proofs.prove(conn, seq)
+    with _output_file(output_path, force) as out:
+        out.write(proofs.dumps(proof))
+
+
+@main.command("check-proof")
+@click.argument("proof_file", type=click.Path(exists=True, dir_okay=False), metavar="PROOF.json")
+@click.option("--public-key", type=click.Path(exists=True, dir_okay=False), metavar="KEYFILE.pub", required=True,
+              help="The public key of the store's seals.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def check_proof(proof_file, public_key, as_json):
+    """Check a proof written by `prove`, with the public key alone (no database): the row's
+    payload hash, every chain link up to the seal, and the seal's signature.  Exits 1 if any
+    byte of the proof was changed.
+    """
+    with _errors():
+        result = proofs.check(Path(proof_file).read_bytes(), seals.load_public_key(public_key))
+    if as_json:
+        _echo_json(vars(result))
+    else:
+        click.echo(output.safe_text(("proof ok: " if result.ok else "proof FAILS: ") + result.message))
+    sys.exit(0 if result.ok else 1)
 
 
 @main.command()

@@ -255,6 +255,32 @@ projection_errors = Table(
     Column("error", Text, nullable=False),
 )
 
+# The store's identity: one row, written once by migration 0006; every seal names it.
+store_identity = Table(
+    "store_identity",
+    metadata,
+    Column("store_id", Text, primary_key=True),
+    Column("created_at", Text, nullable=False),
+)
+
+# Signed statements of the log's head (store/seals.py, docs/RULES.md section 9); append-only.
+# The columns are the seal's fields, as in the witness file's JSON line.
+seals = Table(
+    "seals",
+    metadata,
+    Column("n", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False),
+    Column("store_id", Text, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("chain_hash", String(64), nullable=False),
+    Column("rows", BigInteger, nullable=False),
+    Column("sealed_at", Text, nullable=False),
+    Column("witnessed", Boolean, nullable=False),
+    Column("prev", String(64), nullable=False),
+    Column("key_id", String(64), nullable=False),
+    Column("signature", Text, nullable=False),
+    Index(None, "seq"),
+)
+
 PROJECTION_TABLES = (workitems, workitem_transitions, capability_history, request_outcomes)
 
 # -- views (created by migration 0002; declared here so code can query them with Core) --------

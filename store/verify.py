@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
-from sqlalchemy import JSON, Connection, String, Table, select
+from sqlalchemy import JSON, Connection, String, Table, func, select
 
+from . import seals
 from .db import collections_postponed, open_store, write_transaction
 from .log import GENESIS_HASH, chain_hash, counts, head, payload_sha256
 from .notifications import EXTRACTED, reclassify
 from .projections import PROJECTIONS, runner
-from .schema import event_log, projection_checkpoints
+from .schema import event_log, imported_files, projection_checkpoints
 
 
 @dataclass
@@ -47,25 +48,39 @@ class VerifyReport:
     # log, "recorded": in the table}), projection_checkpoints.rows against the projection's table
     # ({"table": "projection_checkpoints", "projection", "counted", "recorded"}).
     counts_mismatch: list[dict] = field(default_factory=list)
+    # What the store remembers of rows past the log's head (a shortened log):
+    # [{"table": "imported_files" | "projection_checkpoints" | "event_log_counts", "seq": the
+    # last seq it records}]; seals past the head are reported by ``seals``.
+    truncated: list[dict] = field(default_factory=list)
+    seals: seals.SealReport | None = None
+    # --since-last-seal: the chain was checked from this seal (None: from seq 1) and the
+    # projections were not compared.
+    since_seal: seals.Seal | None = None
+    projections_compared: bool = True
 
     @property
     def ok(self) -> bool:
         return (self.chain_break is None and self.column_mismatch is None and not self.differences
-                and not self.lagging and not self.counts_mismatch)
+                and not self.lagging and not self.counts_mismatch and not self.truncated
+                and not (self.seals and self.seals.problems))
 
 
-def verify_chain(conn: Connection, report: VerifyReport, chunk: int = 10_000) -> None:
-    """Recompute payload hashes and the chain from seq 1; stop at the first broken link."""
+def verify_chain(conn: Connection, report: VerifyReport, chunk: int = 10_000, after: int = 0,
+                 after_hash: str = GENESIS_HASH) -> None:
+    """Recompute payload hashes and the chain from seq ``after`` + 1 (whose previous link is
+    ``after_hash``); stop at the first broken link.  From seq 1, also check event_log_counts."""
     c = event_log.c
     query = (select(c.seq, c.received_at, c.source, c.payload, c.payload_sha256, c.chain_hash,
                     c.duplicate_of, c.quarantine_reason, c.kind, c.session, *(c[name] for name in EXTRACTED))
              .order_by(c.seq).limit(chunk))
-    prev, expected_seq = GENESIS_HASH, 1
+    prev, expected_seq = after_hash, after + 1
+    report.head_seq, report.head_hash = after, after_hash
     counted: Counter[tuple] = Counter()
     while True:
         rows = conn.execute(query.where(c.seq >= expected_seq)).all()
         if not rows:
-            _check_counts(conn, report, counted)
+            if after == 0:
+                _check_counts(conn, report, counted)
             return
         for r in rows:
             counted[r.kind, r.quarantine_reason, r.duplicate_of is not None] += 1
@@ -220,11 +235,36 @@ def check_lag(conn: Connection, report: VerifyReport, checkpoints: dict[str, tup
     report.lagging = {name: seq for name, (seq, _) in checkpoints.items() if seq != report.log_head_seq}
 
 
-def verify(conn: Connection) -> VerifyReport:
+def check_truncation(conn: Connection, report: VerifyReport) -> None:
+    """What the store remembers of its log's length (imported files' seq ranges, projection
+    checkpoints, the row counts kept with each append) against the log's head."""
+    head_seq = report.log_head_seq
+    remembered = {
+        "imported_files": conn.execute(select(func.max(imported_files.c.last_seq))).scalar(),
+        "projection_checkpoints": conn.execute(select(func.max(projection_checkpoints.c.last_seq))).scalar(),
+        "event_log_counts": sum(n for *_, n in counts(conn)),
+    }
+    report.truncated = [{"table": table, "seq": seq} for table, seq in remembered.items()
+                        if seq is not None and seq > head_seq]
+
+
+def verify(conn: Connection, witness: str | Path | None = None, public_key=None,
+           since_last_seal: bool = False) -> VerifyReport:
+    """Check the log: its seals (table, and ``witness`` when given; signatures with
+    ``public_key``), what the store remembers of its length, the chain and extracted columns
+    (from seq 1, or with ``since_last_seal`` from the newest seal that holds), the kept counts
+    and, unless ``since_last_seal``, every projection against a rebuild."""
     report = VerifyReport()
-    with collections_postponed():  # millions of small acyclic objects, as in rebuild
-        verify_chain(conn, report)
+    report.seals = seals.check(conn, witness, public_key)
     checkpoints = _checkpoints(conn)
     check_lag(conn, report, checkpoints)
-    compare_projections(conn, report, checkpoints)  # (replayed in steps, each postponing the collector)
+    check_truncation(conn, report)
+    start = report.seals.last_valid if since_last_seal else None
+    report.since_seal = start
+    with collections_postponed():  # millions of small acyclic objects, as in rebuild
+        verify_chain(conn, report, after=start.seq if start else 0,
+                     after_hash=start.chain_hash if start else GENESIS_HASH)
+    report.projections_compared = not since_last_seal
+    if not since_last_seal:
+        compare_projections(conn, report, checkpoints)  # (replayed in steps, each postponing the collector)
     return report

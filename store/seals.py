@@ -1,0 +1,379 @@
+"""Seals: signed statements of the log's head, kept outside the store (docs/RULES.md section 9).
+
+The only writer of ``seals``.  A seal says "store S's log held ``rows`` rows up to seq ``seq``,
+whose chain_hash was ``chain_hash``, at ``sealed_at``", signed with an Ed25519 key.  Seals are
+numbered ``n`` = 1, 2, ... per store and each names the digest of the one before (``prev``), so
+a witness file with a line removed no longer links up.  Anyone holding the public key and a
+seal can check a log, or one row of it (store/proofs.py), without trusting the database.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from sqlalchemy import Connection, Engine, select, text
+
+from . import log
+from .db import StoreError, insert_rows, write_transaction
+from .notifications import utc_text
+from .schema import event_log, seals, store_identity
+
+FORMAT = "workitem-store-seal/1"
+NO_SEAL = "0" * 64  # ``prev`` of the first seal
+KEY_ENV = "WORKITEM_STORE_SEAL_KEY"  # path of the private key (never the key itself)
+WITNESS_ENV = "WORKITEM_STORE_WITNESS"
+FIELDS = ("store_id", "n", "seq", "chain_hash", "rows", "sealed_at", "witnessed", "prev", "key_id")
+
+
+class SealError(StoreError):
+    """A key or witness file that cannot be used; a seal that cannot be made."""
+
+
+@dataclass(frozen=True)
+class Seal:
+    store_id: str
+    n: int
+    seq: int
+    chain_hash: str
+    rows: int
+    sealed_at: str  # utc_text: YYYY-MM-DDTHH:MM:SS.ffffffZ
+    witnessed: bool  # written to a witness file as well as to the seals table
+    prev: str  # digest() of seal n - 1, NO_SEAL for n = 1
+    key_id: str  # sha256 (hex) of the raw 32-byte public key
+    signature: str = ""  # base64 of the Ed25519 signature of message()
+
+    def message(self) -> bytes:
+        """What is signed: the format name and the fields, each line ending in a newline."""
+        values = [FORMAT, self.store_id, str(self.n), str(self.seq), self.chain_hash, str(self.rows),
+                  self.sealed_at, "1" if self.witnessed else "0", self.prev, self.key_id]
+        return "".join(value + "\n" for value in values).encode()
+
+    def digest(self) -> str:
+        """``prev`` of the next seal: sha256 (hex) of message()."""
+        return hashlib.sha256(self.message()).hexdigest()
+
+    def as_dict(self) -> dict:
+        return {"format": FORMAT, **dataclasses.asdict(self)}
+
+    def line(self) -> str:
+        """The seal as one line of JSON (the witness file's form, without the newline)."""
+        return json.dumps(self.as_dict(), separators=(",", ":"))
+
+    def signed_by(self, public_key: Ed25519PublicKey) -> bool:
+        if self.key_id != key_id(public_key):
+            return False
+        try:
+            public_key.verify(base64.b64decode(self.signature, validate=True), self.message())
+        except (InvalidSignature, binascii.Error, ValueError):
+            return False
+        return True
+
+    @classmethod
+    def from_dict(cls, value) -> Seal:
+        """A seal from its JSON object; ValueError naming what is wrong."""
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+        if value.get("format") != FORMAT:
+            raise ValueError(f"format is {value.get('format')!r}, not {FORMAT!r}")
+        expected = {"format", *FIELDS, "signature"}
+        if set(value) != expected:
+            raise ValueError(f"fields {sorted(set(value) ^ expected)} missing or unexpected")
+        for name, kind in (("n", int), ("seq", int), ("rows", int), ("witnessed", bool)):
+            if type(value[name]) is not kind:
+                raise ValueError(f"{name} is not {'true/false' if kind is bool else 'an integer'}")
+        for name in ("store_id", "chain_hash", "sealed_at", "prev", "key_id", "signature"):
+            if not isinstance(value[name], str):
+                raise ValueError(f"{name} is not text")
+        return cls(**{name: value[name] for name in (*FIELDS, "signature")})
+
+    @classmethod
+    def from_line(cls, line: str) -> Seal:
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"not JSON ({exc})") from None
+        return cls.from_dict(value)
+
+
+# -- keys ------------------------------------------------------------------------------------------
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def keygen(path: str | Path) -> tuple[Path, Path]:
+    """A new Ed25519 key: the private key to ``path`` (PKCS#8 PEM, mode 0600, never overwritten),
+    the public key to ``path``.pub (SubjectPublicKeyInfo PEM, what openssl reads)."""
+    private_path, public_path = Path(path), Path(f"{path}.pub")
+    for existing in (private_path, public_path):
+        if existing.exists():
+            raise SealError(f"{existing} exists: keygen never overwrites a key (choose another name)")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    try:
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise SealError(f"cannot write {private_path}: {exc.strerror}") from exc
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private_path, public_path
+
+
+def _read(path: str | Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SealError(f"cannot read the {what} {path}: {exc.strerror}") from exc
+
+
+def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    """The signing key in ``path``; refused when other users can read the file (as ssh does)."""
+    data = _read(path, "seal key")
+    mode = Path(path).stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise SealError(f"the seal key {path} is readable by other users (mode {stat.filemode(mode)}): "
+                        f"chmod 600 {path}")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise SealError(f"{path} is not an unencrypted PEM private key ({exc})") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SealError(f"{path} is not an Ed25519 key (make one with `workitem-store keygen`)")
+    return key
+
+
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    data = _read(path, "public key")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as exc:
+        raise SealError(f"{path} is not a PEM public key ({exc})") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise SealError(f"{path} is not an Ed25519 public key (`workitem-store keygen` writes KEYFILE.pub)")
+    return key
+
+
+def configured_key(path: str | Path | None) -> Ed25519PrivateKey | None:
+    """The key named by ``path``, else by $WORKITEM_STORE_SEAL_KEY; None when neither is set."""
+    path = path or os.environ.get(KEY_ENV)
+    return load_private_key(path) if path else None
+
+
+# -- sealing ---------------------------------------------------------------------------------------
+
+def store_id(conn: Connection) -> str:
+    return conn.execute(select(store_identity.c.store_id)).scalar_one()
+
+
+def table_seals(conn: Connection, since_n: int = 0) -> list[Seal]:
+    rows = conn.execute(select(seals).where(seals.c.n > since_n).order_by(seals.c.n))
+    return [Seal(**row._mapping) for row in rows]
+
+
+def _last_seal(conn: Connection) -> Seal | None:
+    row = conn.execute(select(seals).order_by(seals.c.n.desc()).limit(1)).first()
+    return None if row is None else Seal(**row._mapping)
+
+
+def seal(engine: Engine, key: Ed25519PrivateKey, witness: str | Path | None = None) -> Seal:
+    """Sign the log's head; add the seal to the seals table and, with ``witness``, append it to
+    that file (fsync'd) before the table's transaction commits."""
+    with write_transaction(engine) as conn:
+        if conn.dialect.name == "postgresql":  # seals are numbered: sealers take turns
+            conn.execute(text("LOCK TABLE seals IN EXCLUSIVE MODE"))
+        seq, chain_hash = log.head(conn)
+        last = _last_seal(conn)
+        unsigned = Seal(
+            store_id=store_id(conn), n=last.n + 1 if last else 1, seq=seq, chain_hash=chain_hash,
+            rows=sum(n for *_, n in log.counts(conn)), sealed_at=utc_text(dt.datetime.now(dt.timezone.utc)),
+            witnessed=witness is not None, prev=last.digest() if last else NO_SEAL,
+            key_id=key_id(key.public_key()),
+        )
+        made = dataclasses.replace(unsigned, signature=base64.b64encode(key.sign(unsigned.message())).decode())
+        insert_rows(conn, seals, [dataclasses.asdict(made)])
+        if witness is not None:
+            append_witness(witness, made)
+    return made
+
+
+def append_witness(path: str | Path, made: Seal) -> None:
+    """Append one seal line to the witness file and fsync it (and its directory when the file is
+    new, so that the file itself survives a crash)."""
+    path = Path(path)
+    new = not path.exists()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (made.line() + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if new:
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except OSError as exc:
+        raise SealError(f"cannot append to the witness file {path}: {exc.strerror}") from exc
+
+
+def read_witness(path: str | Path) -> tuple[list[Seal], list[str]]:
+    """The seals of a witness file, and a problem for each line that is not one."""
+    found, problems = [], []
+    text_ = _read(path, "witness file").decode("utf-8", errors="replace")
+    for number, line in enumerate(text_.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            found.append(Seal.from_line(line))
+        except ValueError as exc:
+            problems.append(f"witness line {number} is not a seal: {exc}")
+    return found, problems
+
+
+# -- checking a log against its seals --------------------------------------------------------------
+
+@dataclass
+class SealProblem:
+    n: int | None  # the seal (None: a problem of the witness file as a whole)
+    seq: int | None  # the seq it seals
+    problem: str  # one sentence a person can read
+
+    def __str__(self) -> str:
+        return self.problem if self.n is None else f"seal {self.n} (seq {self.seq}): {self.problem}"
+
+
+@dataclass
+class SealReport:
+    seals: int = 0  # seals checked (table and witness together)
+    witness_seals: int = 0
+    signatures_checked: bool = False
+    last_valid: Seal | None = None  # the newest seal up to which every seal holds
+    problems: list[SealProblem] = field(default_factory=list)
+
+    @property
+    def first_broken(self) -> SealProblem | None:
+        return self.problems[0] if self.problems else None
+
+
+def check(conn: Connection, witness: str | Path | None = None, public_key: Ed25519PublicKey | None = None,
+          ) -> SealReport:
+    """Every seal (the store's table and, with ``witness``, the file) against each other, the
+    public key and the log: the problems found, in seal order."""
+    report = SealReport(signatures_checked=public_key is not None)
+    ours = store_id(conn)
+    by_n: dict[int, Seal] = {s.n: s for s in table_seals(conn)}
+    problems: list[SealProblem] = []
+    in_witness: set[int] = set()
+    if witness is not None:
+        listed, unreadable = read_witness(witness)
+        problems += [SealProblem(None, None, p) for p in unreadable]
+        report.witness_seals = len(listed)
+        for s in listed:
+            if s.store_id != ours:
+                problems.append(SealProblem(s.n, s.seq, f"is a seal of another store ({s.store_id}, "
+                                                        f"this one is {ours})"))
+                continue
+            if s.n in in_witness:
+                problems.append(SealProblem(s.n, s.seq, "appears twice in the witness file"))
+                continue
+            in_witness.add(s.n)
+            stored = by_n.setdefault(s.n, s)
+            if stored != s:
+                problems.append(SealProblem(s.n, s.seq, "the witness file and the store's seals table disagree on it"))
+        for n, s in by_n.items():
+            if s.witnessed and n not in in_witness:
+                problems.append(SealProblem(n, s.seq, "was written to a witness file but this witness file lacks it "
+                                                      "(a line was removed, or it went to another file)"))
+    head_seq = log.head(conn)[0]
+    stored_hashes = _chain_hashes(conn, {s.seq for s in by_n.values() if s.seq <= head_seq})
+    first_bad = min((p.n for p in problems if p.n is not None), default=None)
+    previous: Seal | None = None
+    for n in range(1, max(by_n, default=0) + 1):
+        s = by_n.get(n)
+        found = ("is missing: seals are numbered from 1 without gaps, and no copy of it is left (table or "
+                 "witness file)") if s is None else _problem(s, previous, public_key, head_seq, stored_hashes)
+        if found:
+            problems.append(SealProblem(n, None if s is None else s.seq, found))
+            first_bad = n if first_bad is None else min(first_bad, n)
+        elif first_bad is None or first_bad > n:
+            report.last_valid = s
+        previous = s
+    report.seals = len(by_n)
+    report.problems = sorted(problems, key=lambda p: (p.n is not None, p.n or 0))
+    return report
+
+
+def _problem(s: Seal, previous: Seal | None, public_key: Ed25519PublicKey | None, head_seq: int,
+             stored_hashes: dict[int, str]) -> str | None:
+    if public_key is not None and not s.signed_by(public_key):
+        return ("its signature does not verify with the public key (forged, altered, or signed by another key "
+                f"{s.key_id[:16]}…)")
+    if s.n == 1 and s.prev != NO_SEAL or previous is not None and s.prev != previous.digest():
+        return "does not link to the seal before it (prev differs): the seals were altered or one was removed"
+    if previous is not None and s.seq < previous.seq:
+        return f"seals seq {s.seq}, before the seal before it (seq {previous.seq})"
+    if s.seq > head_seq:
+        return (f"the log is TRUNCATED: the seal covers seq {s.seq} but the log ends at seq {head_seq} "
+                f"(rows {head_seq + 1}-{s.seq} are gone)")
+    if s.rows != s.seq:
+        return f"seals {s.rows} rows up to seq {s.seq}: a log holds seq 1..N without gaps"
+    stored = stored_hashes.get(s.seq, log.GENESIS_HASH)
+    if stored != s.chain_hash:
+        return (f"the log no longer holds the sealed head: chain_hash at seq {s.seq} is {stored}, "
+                f"the seal says {s.chain_hash}")
+    return None
+
+
+def _chain_hashes(conn: Connection, seqs: Iterable[int]) -> dict[int, str]:
+    wanted = sorted(seqs)
+    found: dict[int, str] = {}
+    for i in range(0, len(wanted), 900):
+        query = select(event_log.c.seq, event_log.c.chain_hash).where(event_log.c.seq.in_(wanted[i:i + 900]))
+        found.update((seq, chain) for seq, chain in conn.execute(query))
+    return found
+
+
+@dataclass(frozen=True)
+class Sealing:
+    """Sealing configured for a command that writes the log (``import``, ``ingest``): the key,
+    the witness file (None: the seals table only) and, for ``ingest``, the interval."""
+
+    key: Ed25519PrivateKey
+    witness: Path | None = None
+    every: float = 600.0
+
+    @classmethod
+    def configured(cls, key_path: str | Path | None, witness: str | Path | None = None,
+                   every: float | None = None) -> Sealing | None:
+        """From options, else $WORKITEM_STORE_SEAL_KEY / $WORKITEM_STORE_WITNESS; None when no key
+        is configured (then nothing is sealed)."""
+        key = configured_key(key_path)
+        if key is None:
+            if witness:
+                raise SealError("a witness file is configured but no seal key: give --seal-key KEYFILE "
+                                f"(or ${KEY_ENV})")
+            return None
+        witness = witness or os.environ.get(WITNESS_ENV)
+        return cls(key, Path(witness) if witness else None, every or cls.every)
+
+    def seal(self, engine: Engine) -> Seal:
+        return seal(engine, self.key, self.witness)
