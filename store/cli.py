@@ -333,6 +333,10 @@ def ingest(gws_url, user, password_env, source, config_path, ca_file, client_cer
     up to date and exits 0.  Passwords come from environment variables, never from the
     command line.
 
+    With a seal key FILE (--seal-key, $WORKITEM_STORE_SEAL_KEY or the config file's seal_key),
+    the log's head is sealed every --seal-every seconds and at shutdown; a seal that fails is
+    retried at the next interval and shown in /healthz, never stops ingest.
+
     \b
     A config file lists many sessions (ca_file, client_cert, client_key, proxy, gws_url and
     notifications_path may be set at the top for all, or per session):
@@ -342,6 +346,8 @@ def ingest(gws_url, user, password_env, source, config_path, ca_file, client_cer
       user = "agent1"
       password_env = "AGENT1_PW"
       source = "agent1"          # optional, default the user name
+    and, at the top only, the store's sealing: seal_key = "/etc/workitem-store/seal.key",
+    witness = "/mnt/worm/seals.jsonl", seal_every = 600.
 
     \b
     Example:
@@ -370,6 +376,10 @@ def ingest(gws_url, user, password_env, source, config_path, ca_file, client_cer
                                             **connection)]
     for config in configs:
         config.ssl_context()  # a CA file or client certificate that cannot be used: say so now
+    # Options and environment variables win over the config file; no key: nothing is sealed.
+    in_file = config_mod.load_sealing(config_path) if config_path else config_mod.SealingConfig()
+    sealing = seals.Sealing.configured(seal_key or in_file.seal_key, witness or in_file.witness,
+                                       seal_every or in_file.seal_every)
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(TaskNameFilter())  # [gws <source>]: which session a line is about
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(task)s] %(name)s: %(message)s"))
@@ -383,7 +393,7 @@ def ingest(gws_url, user, password_env, source, config_path, ca_file, client_cer
 
         asyncio.current_task().set_name("ingest")
         ingestor = Ingestor(engine, configs, project=not no_project, metrics_port=metrics_port,
-                            spool_dir=spool_dir, spool_max=spool_max)
+                            spool_dir=spool_dir, spool_max=spool_max, sealing=sealing)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, ingestor.stop)
@@ -398,6 +408,13 @@ def ingest(gws_url, user, password_env, source, config_path, ca_file, client_cer
                    f"{s.stats.snapshots} snapshots")
     if ingestor.last_projected_seq is not None:
         click.echo(f"projections up to date at seq {ingestor.last_projected_seq}")
+    if sealing is not None:
+        click.echo(f"{ingestor.seals_made} seals made, {ingestor.seal_failures} failed")
+        if ingestor.last_seal is not None:
+            _print_seal(ingestor.last_seal)
+        if ingestor.seal_error is not None:
+            click.echo(f"the last seal failed: {output.safe_text(ingestor.seal_error)} (seal the log's head by "
+                       "hand: `workitem-store seal`)", err=True)
     if ingestor.writer.spool_bytes():
         click.echo(f"{ingestor.writer.spool_bytes()} bytes stay in the spool {ingestor.spool.directory}: "
                    "the next `ingest` on this store drains them first", err=True)
@@ -429,8 +446,8 @@ def rebuild():
 def status(as_json):
     """Row counts, projection checkpoints and lag, quarantine and duplicates, chain head.
 
-    The chain head (seq and hash of the last row) can be written down elsewhere: if any
-    earlier row is later altered, `verify` will no longer reach that same hash.
+    The chain head (seq and hash of the last row) is what a seal signs (`seal`); the last seal
+    and the rows appended since it are shown.
 
     \b
     Example:
@@ -447,6 +464,11 @@ def status(as_json):
         f"{e['kinds']['snapshot']} snapshots of live ingest)")
     click.echo(f"event_log: {e['rows']} rows{records}, {e['duplicates']} duplicate, {e['quarantined']} quarantined")
     click.echo(output.safe_text(f"chain head: seq {e['head_seq']} {e['chain_head']}"))
+    sealed = info["last_seal"]
+    click.echo("last seal: none (see `workitem-store seal`)" if sealed is None else
+               f"last seal: {sealed['n']} at seq {sealed['seq']}, {sealed['sealed_at']}"
+               f"{'' if sealed['witnessed'] else ' (table only, no witness file)'}; "
+               f"{sealed['rows_since']} rows since")
     for reason, n in e["quarantine_reasons"].items():
         click.echo(f"  quarantined {n}: {output.safe_text(reason)}")
     click.echo("tables: " + ", ".join(f"{name} {n}" for name, n in info["tables"].items()))
@@ -1014,9 +1036,9 @@ def query(sql, fmt, raw_csv, timeout, as_role, password_env):
                                                      "(the role can then log in).")
 @click.option("--login", is_flag=True, help="Let the role log in (implied by --password-env); "
                                             "otherwise a new role cannot and an existing one keeps what it had.")
-@click.option("--with-log", is_flag=True, help="Also let the role read event_log, event_log_counts, imported_files and "
-                                                "projection_errors (auditors running history/state/verify/"
-                                                "status need them).")
+@click.option("--with-log", is_flag=True, help="Also let the role read event_log, event_log_counts, imported_files, "
+                                                "projection_errors, seals and store_identity (auditors running "
+                                                "history/state/verify/status/prove need them).")
 @click.option("--keep-connect", metavar="PATTERN", multiple=True,
               help="Leave CONNECT on the other databases whose name matches PATTERN (shell-style, e.g. "
                    "postgres or 'reports_*') as it is: the role may still connect to them.  Repeatable.")

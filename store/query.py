@@ -219,7 +219,7 @@ def grant_readonly(engine: Engine, role: str, *, password: str | None = None, lo
 
     The relations granted include projection_checkpoints and alembic_version (every command's
     schema check reads the latter; `status` and `verify` also need ``with_log``: event_log,
-    event_log_counts, imported_files and projection_errors).
+    event_log_counts, imported_files, projection_errors, seals and store_identity).
 
     PostgreSQL gives PUBLIC (every role) CONNECT and TEMPORARY on each new database; so that the
     role can neither create temporary objects nor log in elsewhere, TEMPORARY on the store's
@@ -230,12 +230,13 @@ def grant_readonly(engine: Engine, role: str, *, password: str | None = None, lo
     statements logs it, as for any ALTER ROLE.
     """
     from .schema import (PROJECTION_TABLES, VIEWS, event_log, event_log_counts, imported_files,
-                         projection_checkpoints, projection_errors)
+                         projection_checkpoints, projection_errors, seals, store_identity)
 
     relations = [t.name for t in (*PROJECTION_TABLES, *VIEWS, projection_checkpoints)] + ["alembic_version"]
     if with_log:
         # projection_errors: the log rows a projection skipped, with why (`status` reads it).
-        relations += [event_log.name, event_log_counts.name, imported_files.name, projection_errors.name]
+        relations += [t.name for t in (event_log, event_log_counts, imported_files, projection_errors, seals,
+                                       store_identity)]
     with write_transaction(engine) as conn:
         quote = conn.dialect.identifier_preparer.quote
         who = quote(role)

@@ -9,7 +9,7 @@ from sqlalchemy import Connection, func, select
 from . import log
 from .notifications import KINDS
 from .projections import PROJECTIONS
-from .schema import imported_files, projection_checkpoints, projection_errors
+from .schema import imported_files, projection_checkpoints, projection_errors, seals
 
 
 def status(conn: Connection) -> dict:
@@ -42,7 +42,11 @@ def status(conn: Connection) -> dict:
     f = imported_files.c
     incomplete = conn.execute(select(f.file_name, f.sha256, f.rows, f.first_seq, f.last_seq, f.resume_offset)
                               .where(f.complete.is_(False)).order_by(f.id)).all()
+    last_seal = conn.execute(select(seals.c.n, seals.c.seq, seals.c.sealed_at, seals.c.witnessed)
+                             .order_by(seals.c.n.desc()).limit(1)).first()
     return {
+        # The newest seal (store/seals.py) and the log rows appended since: what no seal covers yet.
+        "last_seal": None if last_seal is None else {**last_seal._mapping, "rows_since": head_seq - last_seal.seq},
         "event_log": {"rows": sum(kinds.values()), "duplicates": duplicates, "quarantined": reasons.total(),
                       "kinds": {kind: kinds.get(kind, 0) for kind in KINDS},
                       "head_seq": head_seq, "chain_head": head_hash,

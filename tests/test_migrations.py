@@ -22,7 +22,8 @@ from store.db import MIGRATIONS_DIR, StoreError, alembic_config, current_revisio
 from store.schema import metadata
 
 TABLES = {"event_log", "imported_files", "workitems", "workitem_transitions", "capability_history",
-          "request_outcomes", "projection_checkpoints", "projection_errors", "event_log_counts"}
+          "request_outcomes", "projection_checkpoints", "projection_errors", "event_log_counts", "seals",
+          "store_identity"}
 
 
 def _diff(engine) -> list:
@@ -40,7 +41,8 @@ def _triggers(engine) -> set[str]:
         if engine.dialect.name == "sqlite":
             sql = "SELECT name FROM sqlite_master WHERE type = 'trigger'"
         else:
-            sql = "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal AND tgrelid = 'event_log'::regclass"
+            sql = ("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal "
+                   "AND tgrelid IN ('event_log'::regclass, 'seals'::regclass, 'store_identity'::regclass)")
         return set(conn.execute(text(sql)).scalars())
 
 
@@ -70,8 +72,10 @@ def test_migrated_schema_equals_create_all(db_url):
 
 
 def test_append_only_triggers_are_installed(engine):
-    expected = {"sqlite": {"event_log_no_update", "event_log_no_delete"},
-                "postgresql": {"event_log_no_update_delete", "event_log_no_truncate"}}[engine.dialect.name]
+    tables = ("event_log", "seals", "store_identity")
+    expected = {"sqlite": {f"{t}_no_{verb}" for t in tables for verb in ("update", "delete")},
+                "postgresql": {f"{t}_no_{verb}" for t in tables for verb in ("update_delete", "truncate")},
+                }[engine.dialect.name]
     assert _triggers(engine) == expected
 
 
