@@ -8,7 +8,10 @@ that the last one is the sealed head and that the seal's signature verifies.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import re
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -16,7 +19,7 @@ from sqlalchemy import Connection, select
 
 from .db import StoreError
 from .log import GENESIS_HASH, chain_hash, payload_sha256
-from .notifications import parse_timestamp, utc_text
+from .notifications import KINDS, parse_timestamp, utc_text
 from .schema import event_log, seals as seals_table
 from .seals import Seal
 
@@ -47,7 +50,11 @@ def prove(conn: Connection, seq: int) -> dict:
         raise ProofError(f"no seal covers seq {seq} yet: run `workitem-store seal` first")
     before = GENESIS_HASH if seq == 1 else conn.execute(select(c.chain_hash).where(c.seq == seq - 1)).scalar()
     later = conn.execute(select(*(c[name] for name in LINK_FIELDS))
-                         .where(c.seq > seq, c.seq <= sealed.seq).order_by(c.seq))
+                         .where(c.seq > seq, c.seq <= sealed.seq).order_by(c.seq)).all()
+    last = later[-1].chain_hash if later else row.chain_hash
+    if len(later) != sealed.seq - seq or last != sealed.chain_hash:  # a proof that could never check
+        raise ProofError(f"seal {sealed.n} (seq {sealed.seq}) does not match the log: the log no longer holds "
+                         f"the sealed head (run `workitem-store verify`)")
     return {
         "format": FORMAT,
         "prev_chain_hash": before,
@@ -63,6 +70,7 @@ def dumps(proof: dict) -> str:
     return json.dumps(proof, sort_keys=True, separators=(",", ":"), ensure_ascii=True) + "\n"
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 _TYPES = {"seq": int, "received_at": str, "source": str, "payload_sha256": str, "duplicate_of": (int, type(None)),
           "quarantine_reason": (str, type(None)), "kind": str, "session": (str, type(None)), "chain_hash": str}
 
@@ -72,9 +80,27 @@ def _malformed(link: dict) -> str | None:
     for name, kinds in _TYPES.items():
         if type(link[name]) is bool or not isinstance(link[name], kinds):
             return f"{name} has the wrong type"
+    if link["seq"] < 1:
+        return "seq is not a positive integer"
+    if not all(_HEX64.fullmatch(link[name]) for name in ("payload_sha256", "chain_hash")):
+        return "payload_sha256 or chain_hash is not 64 lowercase hex digits"
+    if link["kind"] not in KINDS:
+        return f"kind is not one of {', '.join(KINDS)}"
+    # The chain hashes NULL and "" alike; the store never writes "", so a proof holds only NULL.
+    if link["quarantine_reason"] == "" or link["session"] == "":
+        return "quarantine_reason or session is empty text (the store writes NULL)"
     if utc_text(parse_timestamp(link["received_at"])) != link["received_at"]:
         return "received_at is not in the chain's form YYYY-MM-DDTHH:MM:SS.ffffffZ"
     return None
+
+
+def _canonical_base64(text: str) -> bool:
+    """Whether ``text`` is the one base64 form of the bytes it decodes to (the decoder ignores
+    the unused low bits of the last character: 'B' and 'C' there give the same bytes)."""
+    try:
+        return base64.b64encode(base64.b64decode(text, validate=True)).decode() == text
+    except (binascii.Error, ValueError):
+        return False
 
 
 @dataclass
@@ -87,7 +113,7 @@ def check(data: bytes, public_key: Ed25519PublicKey) -> ProofResult:
     """Check a proof file's bytes with the public key alone."""
     try:
         proof = json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         return ProofResult(False, f"not a proof: not JSON ({exc})")
     try:
         if dumps(proof).encode() != data:
@@ -99,11 +125,20 @@ def check(data: bytes, public_key: Ed25519PublicKey) -> ProofResult:
         row, links = proof["row"], proof["links"]
         if set(row) != {*LINK_FIELDS, "payload"} or not isinstance(links, list):
             return ProofResult(False, "the proof's row or links are malformed")
+        if not _canonical_base64(sealed.signature):  # else bits the decoder ignores could change unnoticed
+            return ProofResult(False, f"seal {sealed.n}'s signature is not in its written form (base64)")
         if not sealed.signed_by(public_key):
             return ProofResult(False, f"seal {sealed.n}'s signature does not verify with this public key")
-        if payload_sha256(row["payload"]) != row["payload_sha256"]:
+        problem = _malformed(dict(zip(LINK_FIELDS, [row[name] for name in LINK_FIELDS], strict=True)))
+        if problem:
+            return ProofResult(False, f"the proof's row is malformed: {problem}")
+        if not sealed.seq >= row["seq"]:
+            return ProofResult(False, f"the seal (seq {sealed.seq}) is before the row (seq {row['seq']})")
+        if not isinstance(row["payload"], str) or payload_sha256(row["payload"]) != row["payload_sha256"]:
             return ProofResult(False, f"row {row['seq']}: its payload does not hash to its payload_sha256")
         prev = proof["prev_chain_hash"]
+        if not isinstance(prev, str) or not _HEX64.fullmatch(prev) or row["seq"] == 1 and prev != GENESIS_HASH:
+            return ProofResult(False, "prev_chain_hash is not 64 lowercase hex digits (sixty-four zeros for seq 1)")
         for values in [[row[name] for name in LINK_FIELDS], *links]:
             link = dict(zip(LINK_FIELDS, values, strict=True))
             problem = _malformed(link)
@@ -122,7 +157,7 @@ def check(data: bytes, public_key: Ed25519PublicKey) -> ProofResult:
         if prev != sealed.chain_hash:
             return ProofResult(False, f"the chain reaches {prev} at seq {sealed.seq}, "
                                       f"the seal says {sealed.chain_hash}")
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         return ProofResult(False, f"the proof is malformed ({type(exc).__name__}: {exc})")
     return ProofResult(True, f"row {row['seq']} is in store {sealed.store_id}'s log as written, under seal "
                              f"{sealed.n} (seq {sealed.seq}, sealed {sealed.sealed_at}, key {sealed.key_id[:16]}…)")
