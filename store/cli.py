@@ -1048,7 +1048,7 @@ def grant_readonly(role, password_env, login, with_log, keep_connect):
 
     The role gets CONNECT on the store's database, USAGE on schema public and SELECT on the
     projections, the views, projection_checkpoints and alembic_version (event_log, event_log_counts,
-    imported_files and projection_errors too with --with-log), nothing else; it is
+    imported_files, projection_errors, seals and store_identity too with --with-log), nothing else; it is
     NOSUPERUSER NOCREATEDB NOCREATEROLE: a role that `query` accepts.
 
     PostgreSQL lets every role (PUBLIC) create temporary tables in, and connect to, any new

@@ -6,6 +6,7 @@ line (passwords come from environment variables).
 
 from __future__ import annotations
 
+import math
 import os
 import ssl
 import tomllib
@@ -19,6 +20,9 @@ NOTIFICATIONS_PATH = "/api/v2/notifications"
 MAX_SOURCE_BYTES = 256  # leaves room in a session id for the instance and the session number
 # Keys a session may set in the config file, each also allowed at the top level as the default.
 CONNECTION_KEYS = ("gws_url", "ca_file", "client_cert", "client_key", "proxy", "notifications_path")
+# Store-wide keys, top level only: sealing the log's head (store/seals.py).
+SEALING_KEYS = ("seal_key", "witness", "seal_every")
+MIN_SEAL_EVERY = 0.1  # seconds, as --seal-every
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,16 @@ def _reason(exc: Exception) -> str:
     return getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
 
 
+@dataclass(frozen=True)
+class SealingConfig:
+    """The config file's sealing keys (None: not set).  ``seal_key`` is the path of the key file,
+    never the key itself."""
+
+    seal_key: str | None = None
+    witness: str | None = None
+    seal_every: float | None = None
+
+
 def password_from_env(var: str, where: str = "") -> str:
     """The password held by environment variable ``var``; StoreError if unset or empty."""
     value = os.environ.get(var)
@@ -102,19 +116,13 @@ def load_config(path: str | Path, **defaults: str | None) -> list[SessionConfig]
         password_env = "AGENT1_PW"                 # or password = "..." (plain text: avoid)
         source = "agent1"                          # optional; default the user name
 
+    The top level may also hold the store-wide sealing keys (load_sealing), never a session.
     ``defaults`` (from command line options: gws_url, ca_file, ...) apply where the file sets
     nothing.  Users and sources must be unique.  Raises StoreError on anything missing or wrong.
     """
     path = Path(path)
-    try:
-        config = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise StoreError(f"{path}: not TOML: {exc}") from exc
-    unknown = set(config) - {"sessions", *CONNECTION_KEYS}
-    if unknown:
-        raise StoreError(f"{path}: unknown top-level keys {', '.join(sorted(unknown))}")
+    config = _read_toml(path)
+    _sealing(config, path)  # (checked here too: a wrong seal_every is an error of the file)
     top = {key: config.get(key, defaults.get(key)) for key in CONNECTION_KEYS}
     entries = config.get("sessions")
     if not isinstance(entries, list) or not entries:
@@ -123,6 +131,10 @@ def load_config(path: str | Path, **defaults: str | None) -> list[SessionConfig]
     for n, entry in enumerate(entries, 1):
         where = f" ({path}, session {n})"
         unknown = set(entry) - {"user", "password", "password_env", "source", *CONNECTION_KEYS}
+        store_wide = sorted(unknown & set(SEALING_KEYS))
+        if store_wide:
+            raise StoreError(f"{', '.join(store_wide)} apply to the whole store: set them at the top of the file, "
+                             f"before any [[sessions]]{where}")
         if unknown:
             raise StoreError(f"unknown keys {', '.join(sorted(unknown))}{where}")
         user = entry.get("user")
@@ -148,3 +160,43 @@ def load_config(path: str | Path, **defaults: str | None) -> list[SessionConfig]
         if twice:
             raise StoreError(f"{path}: {what.removesuffix('_name')} given to several sessions: {', '.join(twice)}")
     return sessions
+
+
+def load_sealing(path: str | Path) -> SealingConfig:
+    """The sealing keys at the top of a config file (store-wide, never per session)::
+
+        seal_key = "/etc/workitem-store/seal.key"  # the key FILE (`workitem-store keygen`)
+        witness = "/mnt/worm/seals.jsonl"           # optional
+        seal_every = 600                            # seconds, optional
+
+    Options and environment variables win over these (the caller decides).  Raises StoreError
+    on a file that cannot be read or a key of the wrong type.
+    """
+    path = Path(path)
+    return _sealing(_read_toml(path), path)
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        config = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise StoreError(f"{path}: not TOML: {exc}") from exc
+    unknown = set(config) - {"sessions", *CONNECTION_KEYS, *SEALING_KEYS}
+    if unknown:
+        raise StoreError(f"{path}: unknown top-level keys {', '.join(sorted(unknown))}")
+    return config
+
+
+def _sealing(config: dict, path: Path) -> SealingConfig:
+    for key in ("seal_key", "witness"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise StoreError(f"{path}: {key} must be a non-empty string (a file path)")
+    every = config.get("seal_every")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int | float)
+                              or not math.isfinite(every) or every < MIN_SEAL_EVERY):
+        raise StoreError(f"{path}: seal_every must be a number of seconds, at least {MIN_SEAL_EVERY}")
+    return SealingConfig(config.get("seal_key"), config.get("witness"),
+                         None if every is None else float(every))

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from sqlalchemy import Engine
 
 from ..notifications import epoch_text
 from ..projections import runner
+from ..seals import Seal, SealError, Sealing
 from .config import SessionConfig
 from .gws import GwsSession
 from .spool import Entry, Spool
@@ -62,14 +64,21 @@ class Ingestor:
     """All sessions of one process, concurrently, plus the writer, the projector and the metrics
     server.  ``await ingestor.run()`` until ``stop()`` (e.g. from a signal handler): then every
     client disconnects, what waits is written, and the projections are brought up to date.
+
+    With ``sealing``, the log's head is sealed every ``sealing.every`` seconds and once more at
+    the end, after the last write and projection (so the last seal covers everything stored).
+    A seal that fails is logged and tried again at the next interval; ingest goes on.
     """
 
     def __init__(self, engine: Engine, configs: list[SessionConfig], *, project: bool = True,
                  project_interval: float = 0.2, metrics_port: int | None = None,
                  metrics_host: str = "127.0.0.1", spool_dir: str | Path | None = None,
                  spool_max: int = 1 << 30, spool_after: float = 2.0, probe_interval: float = 1.0,
-                 snapshot_timeout: float = 3.0, **client_options: Any):
+                 snapshot_timeout: float = 3.0, sealing: Sealing | None = None, **client_options: Any):
         self.engine, self.project, self.project_interval = engine, project, project_interval
+        self.sealing = sealing
+        if sealing is not None and sealing.witness is not None:
+            check_witness(sealing.witness)  # before any session starts
         root = Path(spool_dir) if spool_dir is not None else default_spool_root(engine)
         store = store_identity(engine)
         abandoned = Spool.abandoned(root, store)
@@ -87,6 +96,12 @@ class Ingestor:
         self.projection_error: str | None = None
         self.projection_failing_since: str | None = None
         self.projection_errors = 0  # rows of projection_errors (log rows the projections skipped)
+        self.seals_made = 0  # by this process
+        self.seal_failures = 0
+        self.last_seal: Seal | None = None  # the last one this process made
+        self.last_seal_at: float | None = None
+        self.seal_error: str | None = None
+        self.seal_failing_since: str | None = None
         self.started_at = time.time()
         self._dirty = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -121,6 +136,7 @@ class Ingestor:
             await self._start_metrics()
         self.writer.start()
         projector = asyncio.create_task(self._projector(), name="projector") if self.project else None
+        sealer = asyncio.create_task(self._sealer(), name="sealer") if self.sealing else None
         tasks = [asyncio.create_task(s.run(), name=f"gws {s.source}") for s in self.sessions]
         stopping = asyncio.create_task(self._stopping.wait())
         all_done = asyncio.gather(*tasks, return_exceptions=True)
@@ -136,6 +152,9 @@ class Ingestor:
             if projector is not None:
                 await projector
                 await self._project_once()  # the final flush
+            if sealer is not None:
+                await sealer
+                await self._seal_once(final=True)  # after the last write: covers everything stored
             await self._stop_metrics()
         return [(s.source, r) for s, r in zip(self.sessions, results) if isinstance(r, BaseException)]
 
@@ -184,6 +203,39 @@ class Ingestor:
         self.writer.status.head_seq = max(self.writer.status.head_seq, result.to_seq)
         return True
 
+    # -- the sealer -------------------------------------------------------------------------------
+
+    async def _sealer(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.sealing.every)
+                return
+            except TimeoutError:
+                pass
+            await self._seal_once()
+
+    async def _seal_once(self, final: bool = False) -> bool:
+        try:
+            made = await asyncio.to_thread(self.sealing.seal, self.engine)
+        except Exception as exc:  # noqa: BLE001 - the log is safe; the next interval tries again
+            error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if final:
+                logger.error("the last seal failed: %s (seal by hand: `workitem-store seal`)", error)
+            elif error != self.seal_error:
+                logger.error("sealing failed: %s; trying again in %g s", error, self.sealing.every)
+            if self.seal_error is None:
+                self.seal_failing_since = epoch_text(time.time())
+            self.seal_error = error
+            self.seal_failures += 1
+            return False
+        if self.seal_error is not None:
+            logger.warning("sealing works again")
+        (logger.info if final else logger.debug)("sealed: seal %d, seq %d", made.n, made.seq)
+        self.seal_error = self.seal_failing_since = None
+        self.seals_made += 1
+        self.last_seal, self.last_seal_at = made, time.time()
+        return True
+
     # -- health and metrics -----------------------------------------------------------------------
 
     def _projection_lag(self) -> int | None:
@@ -207,6 +259,9 @@ class Ingestor:
         if self.projection_error is not None and status.writable:  # (else the log's entry says why)
             unhealthy.append({"component": "projection", "since": self.projection_failing_since,
                               "reason": f"projecting fails: {self.projection_error}"})
+        if self.seal_error is not None and status.writable:  # (else the log's entry says why)
+            unhealthy.append({"component": "seals", "since": self.seal_failing_since,
+                              "reason": f"sealing fails: {self.seal_error}"})
         if not status.writable:
             unhealthy.append({"component": "log", "since": epoch_text(status.writable_since),
                               "reason": status.error or "the database cannot be written"})
@@ -227,6 +282,15 @@ class Ingestor:
             "projection": {"last_seq": self.last_projected_seq, "lag_rows": self._projection_lag(),
                            "error": self.projection_error, "runs": self.projections_run,
                            "skipped_rows": self.projection_errors},
+            "seals": None if self.sealing is None else {
+                "every_seconds": self.sealing.every,
+                "witness": None if self.sealing.witness is None else str(self.sealing.witness),
+                "made": self.seals_made, "failures": self.seal_failures,
+                "last_n": None if self.last_seal is None else self.last_seal.n,
+                "last_seq": None if self.last_seal is None else self.last_seal.seq,
+                "last_sealed_at": None if self.last_seal is None else self.last_seal.sealed_at,
+                "seconds_since_last_seal": None if self.last_seal_at is None else round(now - self.last_seal_at, 3),
+                "error": self.seal_error, "failing_since": self.seal_failing_since},
             "sessions": sessions,
         }
 
@@ -275,6 +339,17 @@ class Ingestor:
         family(p + "projection_errors", "gauge",
                "Log rows the projections skipped (table projection_errors).",
                single(health["projection"]["skipped_rows"]))
+        sealed = health["seals"] or {}  # (no samples when sealing is not configured)
+        family(p + "seals_total", "counter", "Seals of the log's head made by this process.",
+               single(sealed.get("made")))
+        family(p + "seal_failures_total", "counter", "Seals that failed (tried again at the next interval).",
+               single(sealed.get("failures")))
+        family(p + "seal_failing", "gauge", "1 while the last seal attempt failed.",
+               single(None if not sealed else int(sealed["error"] is not None)))
+        family(p + "last_seal_seq", "gauge", "seq of the log's head at the last seal made.",
+               single(sealed.get("last_seq")))
+        family(p + "seconds_since_last_seal", "gauge", "Seconds since the last seal made.",
+               single(sealed.get("seconds_since_last_seal")))
         family(p + "healthy", "gauge", "1 when /healthz answers 200.", single(int(health["status"] == "ok")))
         return "\n".join(lines) + "\n"
 
@@ -305,6 +380,23 @@ class Ingestor:
         if self._web is not None:
             await self._web.cleanup()
             self._web = None
+
+
+def check_witness(path: str | Path) -> None:
+    """SealError unless seals can be appended to the witness file ``path``: its directory exists
+    and the file (or, for a new file, the directory) is writable.  Said at startup, before any
+    session starts, rather than at the first seal."""
+    path = Path(path)
+    directory = path.parent
+    if not directory.is_dir():
+        raise SealError(f"the witness file's directory {directory} does not exist (create it, or give another "
+                        "--witness)")
+    if path.is_dir():
+        raise SealError(f"the witness file {path} is a directory")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise SealError(f"the witness file {path} is not writable")
+    if not path.exists() and not os.access(directory, os.W_OK | os.X_OK):
+        raise SealError(f"cannot create the witness file {path}: its directory is not writable")
 
 
 class TaskNameFilter(logging.Filter):
