@@ -17,6 +17,8 @@ import datetime as dt
 import hashlib
 import importlib.util
 import re
+import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,6 +309,7 @@ def test_sql_md_names_each_writer():
         "projection_checkpoints": "store/projections/runner.py",
         "projection_errors": "store/projections/runner.py",
         "event_log_counts": "store/log.py",
+        "seals": "store/seals.py", "store_identity": "migrations/versions/0006_seals.py",
     }
     assert set(writers) == set(metadata.tables)
     for table, module in writers.items():
@@ -386,3 +389,37 @@ def test_datasette_metadata_describes_every_table_view_and_column():
         assert described[table.name]["description"], table.name
         assert set(described[table.name]["columns"]) == {c.name for c in table.columns}, table.name
         assert all(described[table.name]["columns"].values()), table.name
+
+
+# -- (e) checking a seal with other tools, as RULES.md 9.5 shows it ----------------------------
+
+def _seal_example() -> tuple[str, str, str, str]:
+    """(KEYFILE.pub, the witness line, the sh block, the Python block) of RULES.md 9.5."""
+    rules = RULES_MD.read_text(encoding="utf-8")
+    example = rules[rules.index("<!-- seal example -->"):rules.index("<!-- end seal example -->")]
+    public_key = re.search(r"-----BEGIN PUBLIC KEY-----\n.*?\n-----END PUBLIC KEY-----\n", example, re.S).group(0)
+    line = re.search(r'^\{"format":"workitem-store-seal/1".*\}$', example, re.M).group(0)
+    sh = re.search(r"```sh\n(.*?)```", example, re.S).group(1)
+    section = rules[rules.index("### 9.5"):]
+    python = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return public_key, line, sh, python
+
+
+def test_rules_md_seal_example_verifies_with_openssl_and_python(tmp_path):
+    public_key, line, sh, python = _seal_example()
+    (tmp_path / "KEYFILE.pub").write_text(public_key)
+    (tmp_path / "seals.jsonl").write_text(line + "\n")
+    from store.seals import Seal, load_public_key
+    assert Seal.from_line(line).signed_by(load_public_key(tmp_path / "KEYFILE.pub"))  # the store agrees
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", sh], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    expected = [comment.lstrip("# ").split()[0] for comment in sh.splitlines() if comment.startswith("# ")]
+    for value in expected:  # "Signature", the key_id and the digest the example shows
+        assert value in done.stdout, (value, done.stdout)
+    done = subprocess.run([sys.executable, "-c", python], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0 and "signed, linked" in done.stdout, done.stderr
+    # One changed field: openssl refuses the signature.
+    (tmp_path / "message.bin").write_bytes((tmp_path / "message.bin").read_bytes().replace(b"\n500\n", b"\n501\n", 1))
+    refused = subprocess.run(["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", "KEYFILE.pub", "-rawin",
+                              "-in", "message.bin", "-sigfile", "sig.bin"], cwd=tmp_path, capture_output=True, text=True)
+    assert refused.returncode != 0 and "Verification Failure" in refused.stdout + refused.stderr
