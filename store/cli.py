@@ -542,13 +542,13 @@ def _verify_json(report: verify_mod.VerifyReport) -> dict:
 def _print_verify(report: verify_mod.VerifyReport) -> None:
     say = lambda line: click.echo(output.safe_text(line))  # noqa: E731
     sealed = report.seals
-    if sealed is not None and sealed.seals:
+    if sealed is not None and (sealed.seals or sealed.problems):  # (a witness file of no use is a problem)
         signed = "signatures checked" if sealed.signatures_checked else "signatures NOT checked (no --public-key)"
         if sealed.problems:
             first = sealed.first_broken
             holds = (f"; the last seal that holds is {sealed.last_valid.n} (seq {sealed.last_valid.seq})"
                      if sealed.last_valid else "")
-            differs = _first_difference(report, first)
+            differs = _first_difference(report)
             say(f"seals BROKEN: {first}{holds}{differs}")
             for problem in sealed.problems[1:]:
                 say(f"  also: {problem}")
@@ -589,15 +589,18 @@ def _print_verify(report: verify_mod.VerifyReport) -> None:
         say("projections ok: equal to a rebuild from the log" + (" at their checkpoints" if report.lagging else ""))
 
 
-def _first_difference(report: verify_mod.VerifyReport, problem) -> str:
-    """Where the first changed row is, as far as the chain and the seals tell."""
+def _first_difference(report: verify_mod.VerifyReport) -> str:
+    """Where the first changed row is, as far as the chain and the seals tell (nothing when no
+    row is known to differ: a seal altered or missing, or only removed rows)."""
     if report.chain_break is not None:
         return f"; the first row that differs is seq {report.chain_break.seq}"
-    if problem.seq is None or problem.n is None:
+    moved = next((p for p in report.seals.problems if p.n is not None and p.problem.startswith(seals.HEAD_DIFFERS)),
+                 None)
+    if moved is None:
         return ""
     after = report.seals.last_valid.seq if report.seals.last_valid else 0
-    if after < problem.seq <= report.log_head_seq:
-        return (f"; the first row that differs is between seq {after + 1} and {problem.seq} "
+    if after < moved.seq <= report.log_head_seq:
+        return (f"; the first row that differs is between seq {after + 1} and {moved.seq} "
                 "(the chain was recomputed over it)")
     return ""
 

@@ -35,6 +35,9 @@ FORMAT = "workitem-store-seal/1"
 NO_SEAL = "0" * 64  # ``prev`` of the first seal
 KEY_ENV = "WORKITEM_STORE_SEAL_KEY"  # path of the private key (never the key itself)
 WITNESS_ENV = "WORKITEM_STORE_WITNESS"
+# How a seal's problem begins when the log's chain_hash at its seq is not the sealed one (rows
+# up to it changed and re-chained); verify then says between which seqs the first change lies.
+HEAD_DIFFERS = "the log no longer holds the sealed head"
 FIELDS = ("store_id", "n", "seq", "chain_hash", "rows", "sealed_at", "witnessed", "prev", "key_id")
 
 
@@ -125,15 +128,29 @@ def keygen(path: str | Path) -> tuple[Path, Path]:
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    try:
-        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
-        raise SealError(f"cannot write {private_path}: {exc.strerror}") from exc
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                          serialization.PublicFormat.SubjectPublicKeyInfo))
+    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    _write_new(private_path, pem, 0o600)
+    try:  # (O_EXCL: not even a file made meanwhile, or a symlink, is written through)
+        _write_new(public_path, public_pem, 0o644)
+    except SealError:
+        private_path.unlink()  # no private key without its public key
+        raise
     return private_path, public_path
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Write a file that does not exist yet (never an existing one, nor through a symlink)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except OSError as exc:
+        raise SealError(f"cannot write {path}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise SealError(f"cannot write {path}: {exc.strerror}") from exc
 
 
 def _read(path: str | Path, what: str) -> bytes:
@@ -198,6 +215,9 @@ def seal(engine: Engine, key: Ed25519PrivateKey, witness: str | Path | None = No
     with write_transaction(engine) as conn:
         if conn.dialect.name == "postgresql":  # seals are numbered: sealers take turns
             conn.execute(text("LOCK TABLE seals IN EXCLUSIVE MODE"))
+        # Appenders wait for the seal (PostgreSQL; SQLite's write transaction already excludes
+        # them): the head and the row count read below are of one moment.
+        log.lock_for_append(conn)
         seq, chain_hash = log.head(conn)
         last = _last_seal(conn)
         unsigned = Seal(
@@ -258,7 +278,9 @@ class SealProblem:
     problem: str  # one sentence a person can read
 
     def __str__(self) -> str:
-        return self.problem if self.n is None else f"seal {self.n} (seq {self.seq}): {self.problem}"
+        if self.n is None:
+            return self.problem
+        return f"seal {self.n}{'' if self.seq is None else f' (seq {self.seq})'}: {self.problem}"
 
 
 @dataclass
@@ -338,8 +360,7 @@ def _problem(s: Seal, previous: Seal | None, public_key: Ed25519PublicKey | None
         return f"seals {s.rows} rows up to seq {s.seq}: a log holds seq 1..N without gaps"
     stored = stored_hashes.get(s.seq, log.GENESIS_HASH)
     if stored != s.chain_hash:
-        return (f"the log no longer holds the sealed head: chain_hash at seq {s.seq} is {stored}, "
-                f"the seal says {s.chain_hash}")
+        return f"{HEAD_DIFFERS}: chain_hash at seq {s.seq} is {stored}, the seal says {s.chain_hash}"
     return None
 
 

@@ -190,3 +190,41 @@ def test_a_store_of_the_previous_version_upgrades_in_place_with_its_chain(db_url
     engine.dispose()
     assert [(r["seq"], r["payload"], r["chain_hash"], r["kind"], r["session"]) for r in rows] == [
         (r["seq"], r["payload"], r["chain_hash"], "notification", None) for r in old_log]
+
+
+def test_a_store_at_revision_0005_upgrades_to_seals(db_url, tmp_path):
+    """`workitem-store init` on a store of the version before seals (0005), with rows: the chain
+    kept, one store_identity row made, and then `seal` and `verify` with its seals pass."""
+    from click.testing import CliRunner
+
+    from store.cli import main
+    from store.projections import runner
+
+    engine = open_store(db_url)
+    feed(engine, [bare(data(wid=f"w{i}", state="Processing")) for i in range(7)])
+    runner.project(engine)
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0005")  # as 0005 left it, with its rows
+        head = tuple(conn.execute(text("SELECT seq, chain_hash FROM event_log ORDER BY seq DESC LIMIT 1")).one())
+    assert {"seals", "store_identity"}.isdisjoint(_tables(engine))
+    engine.dispose()
+    with pytest.raises(StoreError, match="workitem-store init"):
+        open_store(db_url)
+    cli = CliRunner()
+    result = cli.invoke(main, ["init", "--db", db_url])
+    assert result.exit_code == 0 and "was 0005" in result.output, result.output
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        identity = conn.execute(text("SELECT store_id, created_at FROM store_identity")).all()
+        assert tuple(conn.execute(text("SELECT seq, chain_hash FROM event_log ORDER BY seq DESC LIMIT 1")).one()) == head
+    engine.dispose()
+    assert len(identity) == 1 and len(identity[0].store_id) == 36 and identity[0].created_at.endswith("Z")
+    assert cli.invoke(main, ["keygen", str(tmp_path / "k")]).exit_code == 0
+    witness = tmp_path / "w.jsonl"
+    result = cli.invoke(main, ["seal", "--key", str(tmp_path / "k"), "--witness", str(witness), "--db", db_url])
+    assert result.exit_code == 0 and "sealed: seal 1, seq 7" in result.output, result.output
+    assert json.loads(witness.read_text())["store_id"] == identity[0].store_id
+    result = cli.invoke(main, ["verify", "--db", db_url, "--witness", str(witness),
+                                  "--public-key", str(tmp_path / "k.pub")])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("seals ok: 1 seals, signatures checked, newest 1 at seq 7")
