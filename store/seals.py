@@ -76,13 +76,17 @@ class Seal:
         return json.dumps(self.as_dict(), separators=(",", ":"))
 
     def signed_by(self, public_key: Ed25519PublicKey) -> bool:
+        """The signature verifies with ``public_key`` and is in its one written form (base64
+        decoding ignores the unused low bits of the last character: 'B' and 'C' there give
+        the same bytes, and a changed byte must not pass)."""
         if self.key_id != key_id(public_key):
             return False
         try:
-            public_key.verify(base64.b64decode(self.signature, validate=True), self.message())
+            signature = base64.b64decode(self.signature, validate=True)
+            public_key.verify(signature, self.message())
         except (InvalidSignature, binascii.Error, ValueError):
             return False
-        return True
+        return base64.b64encode(signature).decode() == self.signature
 
     @classmethod
     def from_dict(cls, value) -> Seal:
@@ -187,12 +191,6 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     return key
 
 
-def configured_key(path: str | Path | None) -> Ed25519PrivateKey | None:
-    """The key named by ``path``, else by $WORKITEM_STORE_SEAL_KEY; None when neither is set."""
-    path = path or os.environ.get(KEY_ENV)
-    return load_private_key(path) if path else None
-
-
 # -- sealing ---------------------------------------------------------------------------------------
 
 def store_id(conn: Connection) -> str:
@@ -220,6 +218,8 @@ def seal(engine: Engine, key: Ed25519PrivateKey, witness: str | Path | None = No
         log.lock_for_append(conn)
         seq, chain_hash = log.head(conn)
         last = _last_seal(conn)
+        if witness is not None:
+            last = _adopt_orphan(conn, witness, last, key.public_key()) or last
         unsigned = Seal(
             store_id=store_id(conn), n=last.n + 1 if last else 1, seq=seq, chain_hash=chain_hash,
             rows=sum(n for *_, n in log.counts(conn)), sealed_at=utc_text(dt.datetime.now(dt.timezone.utc)),
@@ -231,6 +231,36 @@ def seal(engine: Engine, key: Ed25519PrivateKey, witness: str | Path | None = No
         if witness is not None:
             append_witness(witness, made)
     return made
+
+
+def _adopt_orphan(conn: Connection, witness: str | Path, last: Seal | None,
+                  public_key: Ed25519PublicKey) -> Seal | None:
+    """The witness file's last seal when it is the one a crashed ``seal`` wrote there but never
+    committed to the table (the next number, linked to ``last``, signed with this key, of a head
+    the log holds): it is added to the table as it is, and returned.  Otherwise None."""
+    orphan = _witness_tail(witness)
+    if orphan is None or orphan.n != (last.n + 1 if last else 1) or orphan.prev != (last.digest() if last else NO_SEAL):
+        return None
+    held = conn.execute(select(event_log.c.chain_hash).where(event_log.c.seq == orphan.seq)).scalar()
+    if orphan.store_id != store_id(conn) or not orphan.signed_by(public_key) or \
+            (held or log.GENESIS_HASH) != orphan.chain_hash:
+        return None
+    insert_rows(conn, seals, [dataclasses.asdict(orphan)])
+    return orphan
+
+
+def _witness_tail(path: str | Path) -> Seal | None:
+    """The last line of a witness file as a seal (None: no file, or not a seal)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            lines = f.read().splitlines()
+    except OSError:
+        return None  # (append_witness reports what is wrong with the file)
+    try:
+        return Seal.from_line(lines[-1].decode()) if lines else None
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def append_witness(path: str | Path, made: Seal) -> None:
@@ -385,16 +415,14 @@ class Sealing:
     @classmethod
     def configured(cls, key_path: str | Path | None, witness: str | Path | None = None,
                    every: float | None = None) -> Sealing | None:
-        """From options, else $WORKITEM_STORE_SEAL_KEY / $WORKITEM_STORE_WITNESS; None when no key
-        is configured (then nothing is sealed)."""
-        key = configured_key(key_path)
-        if key is None:
+        """From what the command was given (options, environment variables, config file: the
+        CLI resolves those); None when no key is configured (then nothing is sealed)."""
+        if not key_path:
             if witness:
                 raise SealError("a witness file is configured but no seal key: give --seal-key KEYFILE "
                                 f"(or ${KEY_ENV})")
             return None
-        witness = witness or os.environ.get(WITNESS_ENV)
-        return cls(key, Path(witness) if witness else None, every or cls.every)
+        return cls(load_private_key(key_path), Path(witness) if witness else None, every or cls.every)
 
     def seal(self, engine: Engine) -> Seal:
         return seal(engine, self.key, self.witness)

@@ -527,6 +527,28 @@ def test_a_seal_removed_from_the_witness_file_and_the_table(sealed):
 
 # -- verify --since-last-seal ------------------------------------------------------------------------
 
+def test_a_seal_written_to_the_witness_but_never_committed_is_adopted_by_the_next_seal(sealed):
+    """A `seal` killed between the witness file's fsync and its commit leaves a line the table
+    lacks; the next seal must not take its number (two seals 4: verify would fail for ever) but
+    add it to the table as it is and follow it."""
+    key = seals.load_private_key(sealed.key)
+    engine = open_store(sealed.url)
+    with engine.connect() as conn:
+        last = seals.table_seals(conn)[-1]
+        seq, chain_hash = log.head(conn)
+        unsigned = seals.Seal(store_id=seals.store_id(conn), n=last.n + 1, seq=seq, chain_hash=chain_hash, rows=seq,
+                              sealed_at="2026-12-01T00:00:00.000000Z", witnessed=True, prev=last.digest(),
+                              key_id=seals.key_id(key.public_key()))
+    orphan = dataclasses.replace(unsigned, signature=base64.b64encode(key.sign(unsigned.message())).decode())
+    seals.append_witness(sealed.witness, orphan)  # what the killed process left
+    engine.dispose()
+    assert "seals ok: 4 seals" in verify_ok(sealed)  # (a signed, linked seal in the witness file alone holds)
+    run("seal", "--key", sealed.key, "--witness", sealed.witness, "--db", sealed.url)
+    assert [s["n"] for s in seals_in_table(sealed.url)] == [1, 2, 3, 4, 5]
+    assert seals_in_table(sealed.url)[3]["signature"] == orphan.signature
+    assert "seals ok: 5 seals" in verify_ok(sealed)
+
+
 def test_since_last_seal_checks_the_rows_after_the_newest_seal(sealed):
     out = verify_ok(sealed, "--since-last-seal")
     assert "chain ok from seal 3 (seq 80): 10 rows, head seq 90" in out
