@@ -11,8 +11,13 @@ file, then runs each step in a process of its own, so that each step's peak RSS 
 - ``project``: the incremental ``project`` from empty over the log that ``append`` left
   (transactions of ``runner.TRANSACTION_EVENTS`` events, checkpointed).
 - ``rebuild``: ``rebuild``: every projection recomputed from seq 1 in one transaction.
-- ``verify``: ``verify`` (hash chain, row counts, every projection against a rebuild computed in
-  memory) in one read-only snapshot, as the command does.
+- ``verify-chain``: the chain part of ``verify`` alone (``verify.verify_chain`` without its
+  columns: payload hashes, links, the kept row counts) over the log ``append`` left, in one
+  read-only snapshot; then, in another and shown on the same line, the chain with the check of
+  the extracted columns, as ``verify`` runs them.  From ``verify.PARALLEL_ROWS`` rows on, both
+  (and ``verify``) take a second process for half the log, when there are two CPUs.
+- ``verify``: full ``verify`` (hash chain, extracted columns, row counts, every projection
+  against a rebuild) in one read-only snapshot, as the command does.
 - ``audit``: ``history`` and ``state --as-of`` (``store.audit``) of workitems sampled from the
   log: median and maximum latency over 50 calls each, after a warm-up, each call a read-only
   snapshot as the commands open it (process start-up and printing are not counted).
@@ -21,7 +26,9 @@ file, then runs each step in a process of its own, so that each step's peak RSS 
 Rates are log rows per second (every line of the file is one row, duplicates and quarantined
 lines included).  Peak RSS is the child's ``VmHWM`` (``/proc/self/status``), not
 ``getrusage().ru_maxrss``: Linux carries ru_maxrss across ``execve``, so a child would report at
-least the RSS of the process that spawned it.  Elsewhere ru_maxrss is used.
+least the RSS of the process that spawned it.  Elsewhere ru_maxrss is used.  A process the child
+forks and waits for (verify's helper for half a long log, ``verify.PARALLEL_ROWS``) counts when
+larger (``RUSAGE_CHILDREN``; a forked process's RSS includes the pages it shares with its parent).
 
 Baselines: the same finished rows, inserted with no work of the store's around them.
 
@@ -73,19 +80,20 @@ from pathlib import Path
 
 from .db import StoreError, parse_url, safe_url
 
-STEPS = ("append", "import", "project", "rebuild", "verify", "audit", "raw")
+STEPS = ("append", "import", "project", "rebuild", "verify-chain", "verify", "audit", "raw")
 # What each step needs run before it (on the same store): the log of ``append``, projections.
-NEEDS = {"project": ("append",), "rebuild": ("append",), "verify": ("append", "project"),
-         "audit": ("append",), "raw": ("append",)}
+NEEDS = {"project": ("append",), "rebuild": ("append",), "verify-chain": ("append",),
+         "verify": ("append", "project"), "audit": ("append",), "raw": ("append",)}
 # The order steps run in: the baseline right after the log it copies, then the import, whose
 # ratio is then printed early; projections and what reads them last.
-ORDER = ("append", "raw", "import", "project", "rebuild", "verify", "audit")
+ORDER = ("append", "raw", "import", "project", "rebuild", "verify-chain", "verify", "audit")
 STEP_HELP = {
     "append": "import --no-project into a fresh store (read, parse, classify, hash, insert)",
     "import": "import into a fresh store (append, then project)",
     "project": "incremental project from empty over the appended log",
     "rebuild": "rebuild: every projection from seq 1, one transaction",
-    "verify": "verify: hash chain, counts, projections against a rebuild",
+    "verify-chain": "verify's chain part: payload hashes, links, counts",
+    "verify": "full verify: chain, columns, counts, projections against a rebuild",
     "audit": "history and state --as-of of sampled workitems",
     "raw": "baseline: the finished rows inserted raw",
 }
@@ -101,6 +109,8 @@ APPEND_RATIO_SQLITE = 0.45
 IMPORT_RATIO_POSTGRESQL = 0.4
 RSS_MB = 500
 AUDIT_MS = 5.0
+VERIFY_CHAIN_RATE_SQLITE = 300_000
+VERIFY_RATE_SQLITE = 50_000
 
 _RESULT = "BENCH-RESULT "  # the prefix of a child's result line on its stdout
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -223,15 +233,19 @@ def _child(spec: dict) -> dict:
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak RSS, or that of a process it started and waited for (verify's
+    helper, forked) when larger."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    children_mb = children / (1 << 20) if sys.platform == "darwin" else children / 1024
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+                    return max(int(line.split()[1]) / 1024, children_mb)
     except OSError:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+    return max(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024, children_mb)
 
 
 def _step_simulate(spec: dict) -> dict:
@@ -297,6 +311,25 @@ def _step_verify(spec: dict) -> dict:
     finally:
         engine.dispose()
     return {"seconds": seconds, "rows": report.rows, "ok": report.ok}
+
+
+def _step_verify_chain(spec: dict) -> dict:
+    from .db import collections_postponed, open_reader, snapshot
+    from .verify import VerifyReport, verify_chain
+
+    engine = open_reader(spec["url"])
+    reports, seconds = [], []
+    try:
+        for columns in (False, True):
+            reports.append(report := VerifyReport())
+            with snapshot(engine) as conn, collections_postponed():  # as verify runs it
+                start = time.perf_counter()
+                verify_chain(conn, report, columns=columns)
+                seconds.append(time.perf_counter() - start)
+    finally:
+        engine.dispose()
+    return {"seconds": seconds[0], "rows": reports[0].rows, "columns_seconds": seconds[1],
+            "ok": all(r.chain_break is None and not r.counts_mismatch and r.column_mismatch is None for r in reports)}
 
 
 def _step_audit(spec: dict) -> dict:
@@ -436,6 +469,7 @@ _CHILD_STEPS = {
     "import": lambda spec: _step_append(spec, project=True),
     "project": _step_project,
     "rebuild": lambda spec: _step_project(spec, rebuild=True),
+    "verify-chain": _step_verify_chain,
     "verify": _step_verify,
     "audit": _step_audit,
     "raw-sqlite": _step_raw_sqlite,
@@ -484,7 +518,7 @@ def _rate(result: dict) -> float:
 
 
 def _step_line(name: str, result: dict, note: str = "") -> str:
-    return (f"{name:8s} {_rate(result):>10,.0f} events/s {result['seconds']:>8.3f} s   "
+    return (f"{name:12s} {_rate(result):>10,.0f} events/s {result['seconds']:>8.3f} s   "
             f"peak RSS {result['rss_mb']:>5.0f} MB   {STEP_HELP[name]}{note}")
 
 
@@ -541,13 +575,18 @@ def _run(events: int, tmp: Path, target, steps: tuple[str, ...]) -> Iterator[str
         elif step in ("project", "rebuild"):
             results[step] = r = _child({"step": step, "url": log_url})
             yield _step_line(step, r, f" ({r['applied']:,} projectable events, {r['errors']} projection errors)")
+        elif step == "verify-chain":
+            results[step] = r = _child({"step": "verify-chain", "url": log_url})
+            columns = {"rows": r["rows"], "seconds": r["columns_seconds"]}
+            yield _step_line(step, r, f" (with columns {_rate(columns):,.0f} events/s, {r['columns_seconds']:.3f} s)"
+                                      + ("" if r["ok"] else "   VERIFY FAILED: run `workitem-store verify` on such a store"))
         elif step == "verify":
             results[step] = r = _child({"step": "verify", "url": log_url})
             yield _step_line(step, r, "" if r["ok"] else "   VERIFY FAILED: run `workitem-store verify` on such a store")
         elif step == "audit":
             results[step] = r = _child({"step": "audit", "url": log_url})
             for name, times in (("history", r["history_ms"]), ("state", r["state_ms"])):
-                yield (f"{'audit':8s} {name + (' --as-of' if name == 'state' else ''):15s} median "
+                yield (f"{'audit':12s} {name + (' --as-of' if name == 'state' else ''):15s} median "
                        f"{statistics.median(times):6.2f} ms, max {max(times):6.2f} ms over {len(times)} calls "
                        f"({r['workitems']} workitems, {r['trail_rows']:.0f} log rows each on average)   "
                        f"peak RSS {r['rss_mb']:.0f} MB")
@@ -559,7 +598,7 @@ def _run(events: int, tmp: Path, target, steps: tuple[str, ...]) -> Iterator[str
             how = ("sqlite3.executemany of the appended rows into event_log, one transaction"
                    if target.backend == "sqlite" else
                    "psycopg COPY event_log FROM STDIN of the appended rows, one transaction")
-            yield (f"{'raw':8s} {_rate(r):>10,.0f} events/s {r['seconds']:>8.3f} s   "
+            yield (f"{'raw':12s} {_rate(r):>10,.0f} events/s {r['seconds']:>8.3f} s   "
                    f"peak RSS {r['rss_mb']:>5.0f} MB   baseline: {how}")
     target.drop("log")
 
@@ -577,7 +616,7 @@ def _run(events: int, tmp: Path, target, steps: tuple[str, ...]) -> Iterator[str
 
     yield "goals:"
     yield from _goals(results, ratios, target.backend)
-    if "verify" in results and not results["verify"]["ok"]:
+    if any(step in results and not results[step]["ok"] for step in ("verify-chain", "verify")):
         yield "verify FAILED on the benchmark's store: the rates above are of a store that is not consistent"
     yield f"measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"
 
@@ -612,6 +651,10 @@ def _goals(results: dict, ratios: dict, backend: str) -> Iterator[str]:
          lambda: rate("import", IMPORT_RATE_SQLITE)),
         (f"peak RSS of each step < {RSS_MB} MB", None, any(k != "raw" for k in results), peak_rss),
         (f"history, state --as-of < {AUDIT_MS:g} ms (median)", None, "audit" in results, audit),
+        (f"verify chain >= {VERIFY_CHAIN_RATE_SQLITE:,} events/s (SQLite)", "sqlite", "verify-chain" in results,
+         lambda: rate("verify-chain", VERIFY_CHAIN_RATE_SQLITE)),
+        (f"full verify >= {VERIFY_RATE_SQLITE:,} events/s (SQLite)", "sqlite", "verify" in results,
+         lambda: rate("verify", VERIFY_RATE_SQLITE)),
         (f"append >= {IMPORT_RATIO_POSTGRESQL} of raw COPY (PostgreSQL)", "postgresql", "append" in ratios,
          lambda: append_ratio(IMPORT_RATIO_POSTGRESQL)),
     ]

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import datetime as dt
+import functools
+import hashlib
+import itertools
 import json
+import operator
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -11,11 +17,12 @@ from decimal import Decimal
 from pathlib import Path
 
 from sqlalchemy import JSON, Connection, String, Table, func, select
+from sqlalchemy.exc import DBAPIError
 
 from . import seals
 from .db import collections_postponed, open_store, write_transaction
 from .log import GENESIS_HASH, chain_hash, counts, head, payload_sha256
-from .notifications import EXTRACTED, reclassify
+from .notifications import EXTRACTED, NOTIFICATION, reclassify, utc_text
 from .projections import PROJECTIONS, runner
 from .schema import event_log, imported_files, projection_checkpoints
 
@@ -66,50 +73,227 @@ class VerifyReport:
 
 
 def verify_chain(conn: Connection, report: VerifyReport, chunk: int = 10_000, after: int = 0,
-                 after_hash: str = GENESIS_HASH) -> None:
+                 after_hash: str = GENESIS_HASH, columns: bool = True) -> None:
     """Recompute payload hashes and the chain from seq ``after`` + 1 (whose previous link is
-    ``after_hash``); stop at the first broken link.  From seq 1, also check event_log_counts."""
-    c = event_log.c
-    query = (select(c.seq, c.received_at, c.source, c.payload, c.payload_sha256, c.chain_hash,
-                    c.duplicate_of, c.quarantine_reason, c.kind, c.session, *(c[name] for name in EXTRACTED))
-             .order_by(c.seq).limit(chunk))
-    prev, expected_seq = after_hash, after + 1
+    ``after_hash``); stop at the first broken link.  From seq 1, also check event_log_counts.
+    With ``columns``, also check the extracted columns of the rows the chain covered
+    (``verify_columns``).
+
+    The log is read ``chunk`` rows at a time by seq, through the driver's own cursor (no result
+    processing).  A chunk whose values all have the types and forms the store writes is checked
+    in bulk (``_links_fast``); any other chunk, possible only in a database edited by hand, row
+    by row as the column types read each value (``_links_exact``, the reference).  Both report
+    the same first break.
+    """
+    if not conn.in_transaction():
+        conn.begin()  # as a first execute would: the chain, the counts and the columns read one snapshot
     report.head_seq, report.head_hash = after, after_hash
-    counted: Counter[tuple] = Counter()
+    counted: Counter[tuple] | None = Counter() if after == 0 else None
+    _verify_links(conn, report, chunk, counted)
+    if report.chain_break is None and counted is not None:
+        _check_counts(conn, report, counted)
+    if columns:
+        verify_columns(conn, report, after, report.head_seq, chunk)
+
+
+def _verify_links(conn: Connection, report: VerifyReport, chunk: int, counted: Counter | None) -> None:
+    """The chain from report.head_seq + 1 (after report.head_hash) to the log's last row,
+    advancing report.rows, head_seq and head_hash; the first broken link -> report.chain_break.
+    Adds the rows read to ``counted`` (unless None)."""
+    placeholder = _placeholder(conn)
+    sql = (f"SELECT {', '.join(_LINK_COLUMNS)} FROM event_log WHERE seq >= {placeholder} "
+           f"ORDER BY seq LIMIT {placeholder}")
     while True:
-        rows = conn.execute(query.where(c.seq >= expected_seq)).all()
+        prev, expected = report.head_hash, report.head_seq + 1
+        rows = _raw_rows(conn, sql, (expected, chunk))
         if not rows:
-            if after == 0:
-                _check_counts(conn, report, counted)
             return
-        for r in rows:
-            counted[r.kind, r.quarantine_reason, r.duplicate_of is not None] += 1
-            if r.seq != expected_seq:
-                report.chain_break = ChainBreak(expected_seq, "seq", str(expected_seq), str(r.seq))
+        columns_of_rows = tuple(zip(*rows))
+        if counted is not None:
+            _count(counted, columns_of_rows)
+        times = _plain_times(columns_of_rows, conn.dialect)
+        verified = None if times is None else _links_fast(columns_of_rows, times, prev, expected, report)
+        if verified is None:
+            verified = _links_exact(rows, prev, expected, report, conn.dialect)
+        if verified:
+            report.rows, report.head_seq, report.head_hash = (report.rows + verified, rows[verified - 1][0],
+                                                              rows[verified - 1][5])
+        if report.chain_break is not None:
+            return
+
+
+# The columns of a link, as verify_chain reads them (a row is a tuple in this order).
+_LINK_COLUMNS = ("seq", "received_at", "source", "payload", "payload_sha256", "chain_hash", "duplicate_of",
+                 "quarantine_reason", "kind", "session")
+_HEXDIGEST = operator.methodcaller("hexdigest")
+_OR_EMPTY = {None: ""}.get  # _OR_EMPTY(value, value): "" for None, else the value
+# SQLite's received_at text as UTCDateTime writes it ('YYYY-MM-DD HH:MM:SS.ffffff'), digits as 0.
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_SQLITE_TIME_SHAPE = b"0000-00-00 00:00:00.000000"
+
+
+def _placeholder(conn: Connection) -> str:
+    return "?" if conn.dialect.name == "sqlite" else "%s"
+
+
+def _raw_rows(conn: Connection, sql: str, params: tuple) -> list[tuple]:
+    """Every row of ``sql`` from the driver's cursor, in the connection's transaction; a driver
+    error is raised as SQLAlchemy raises it (DBAPIError, which the CLI reports)."""
+    error = conn.dialect.loaded_dbapi.Error
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
+    except error as exc:
+        raise DBAPIError.instance(sql, params, exc, error) from exc
+    finally:
+        cursor.close()
+
+
+def _count(counted: Counter, columns: tuple) -> None:
+    """Add a chunk's rows to ``counted`` by (kind, quarantine_reason, duplicate)."""
+    _, _, _, _, _, _, duplicates_of, reasons, kinds, _ = columns
+    rows = len(kinds)
+    if kinds.count(NOTIFICATION) == rows and reasons.count(None) == rows:  # the usual chunk
+        first_copies = duplicates_of.count(None)
+        counted.update({k: n for k, n in (((NOTIFICATION, None, False), first_copies),
+                                          ((NOTIFICATION, None, True), rows - first_copies)) if n})
+    else:
+        counted.update(zip(kinds, reasons, map(operator.is_not, duplicates_of, itertools.repeat(None))))
+
+
+@functools.lru_cache(maxsize=4)
+def _sqlite_times_shape(rows: int) -> bytes:
+    return b"\n".join([_SQLITE_TIME_SHAPE] * rows)
+
+
+def _plain_times(columns: tuple, dialect) -> list[str] | None:
+    """The received_at of each row as the chain hashes it ('YYYY-MM-DDTHH:MM:SS.ffffffZ', what
+    ``notifications.utc_text`` makes of what UTCDateTime reads), when every row of the chunk
+    holds the types the store writes (source and kind text, quarantine_reason and session text
+    or NULL) and, on SQLite, received_at in the exact form UTCDateTime writes; else None."""
+    _, received_at, sources, _, _, _, _, reasons, kinds, sessions = columns
+    try:
+        # str.join refuses any value that is not text.
+        "".join(sources), "".join(kinds)
+        "".join(map(_OR_EMPTY, reasons, reasons)), "".join(map(_OR_EMPTY, sessions, sessions))
+        if dialect.name != "sqlite":  # PostgreSQL: timestamptz, read as datetimes
+            at_type = event_log.c.received_at.type
+            return [utc_text(at_type.process_result_value(at, dialect)) for at in received_at]
+        joined = "\n".join(received_at)
+        # Each text 'DDDD-DD-DD DD:DD:DD.DDDDDD' with D a digit, and a valid date and time (the
+        # shape alone would let '2023-02-30' through, which reading it as a datetime refuses).
+        if joined.encode().translate(_DIGITS_TO_ZERO) != _sqlite_times_shape(len(received_at)):
+            return None
+        collections.deque(map(dt.datetime.fromisoformat, received_at), maxlen=0)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return None
+    # fromisoformat then utc_text of such a text only puts a "T" in the space and adds a "Z".
+    return (joined.replace(" ", "T").replace("\n", "Z\n") + "Z").split("\n")
+
+
+def _record_fields(kind: str, session: str | None) -> str:
+    """What log.chain_hash adds to a link's text for a row that is not a notification without
+    a session: kind and session."""
+    return "" if kind == NOTIFICATION and session is None else f"\n{kind}\n{session or ''}"
+
+
+def _links_fast(columns: tuple, times: list[str], prev: str, expected: int, report: VerifyReport) -> int | None:
+    """Check a chunk from ``expected`` on (``prev``: the link before it), given ``_plain_times``
+    of it: how many leading rows hold (a break is set on ``report``), or None when a payload is
+    not text or a text does not encode (the chunk is then for ``_links_exact``).
+
+    Every row is checked against the chain_hash stored in the row before it: until the first
+    row that fails, that is the link recomputed from ``prev``, so the first failure, and what
+    it expected, are those of a check row after row; and no row waits for the one before it,
+    so each step runs over the whole chunk at once (hashing and comparing in C).
+    """
+    seqs, _, sources, payloads, digests_found, links_found, duplicates_of, reasons, kinds, sessions = columns
+    n = len(seqs)
+    # seq is an integer key, read in ascending order: the rows follow on without a gap exactly
+    # when the first is the one expected and the last n - 1 further.
+    good = n if seqs[0] == expected and seqs[-1] == expected + n - 1 else \
+        next(i for i, seq in enumerate(seqs) if seq != expected + i)
+    try:
+        digests = tuple(map(_HEXDIGEST, map(hashlib.sha256, map(str.encode, payloads[:good]))))
+    except (TypeError, ValueError):
+        return None
+    # The rows before the first whose payload does not hash to its payload_sha256 can be linked
+    # with the stored digests: they equal the recomputed ones.
+    bad = good if digests == digests_found[:good] else \
+        next(i for i, (digest, found) in enumerate(zip(digests, digests_found)) if digest != found)
+    # The text RULES.md section 8 hashes, as log.chain_hash joins it (str() and format() agree
+    # on every value a driver returns), after the previous row's stored link.
+    previous = itertools.chain((prev,), links_found)
+    texts = [f"{before}\n{seq}\n{at}\n{source}\n{digest}\n{'' if duplicate_of is None else duplicate_of}\n{reason or ''}"
+             for before, seq, at, source, digest, duplicate_of, reason
+             in zip(previous, seqs[:bad], times, sources, digests_found, duplicates_of, reasons)]
+    if kinds.count(NOTIFICATION) != n or sessions.count(None) != n:
+        texts = list(map(operator.add, texts, map(_record_fields, kinds, sessions)))
+    try:
+        links = tuple(map(_HEXDIGEST, map(hashlib.sha256, map(str.encode, texts))))
+    except ValueError:  # an unpaired surrogate, which no driver returns
+        return None
+    if links != links_found[:bad]:
+        i = next(i for i, (link, found) in enumerate(zip(links, links_found)) if link != found)
+        report.chain_break = ChainBreak(seqs[i], "chain_hash", links[i], links_found[i])
+        return i
+    if bad < good:
+        report.chain_break = ChainBreak(seqs[bad], "payload_sha256", digests[bad], digests_found[bad])
+    elif good < n:
+        report.chain_break = ChainBreak(expected + good, "seq", str(expected + good), str(seqs[good]))
+    return bad
+
+
+def _links_exact(rows: list[tuple], prev: str, expected: int, report: VerifyReport, dialect) -> int:
+    """``_links_fast`` row by row, on the values as the column types read them (every
+    received_at of the chunk first, as SQLAlchemy reads a result): the reference."""
+    at_type = event_log.c.received_at.type
+    times = [at_type.process_result_value(row[1], dialect) for row in rows]
+    for i, ((seq, _, source, payload, digest_found, link_found, duplicate_of, reason, kind, session), at) in \
+            enumerate(zip(rows, times, strict=True)):
+        if seq != expected + i:
+            report.chain_break = ChainBreak(expected + i, "seq", str(expected + i), str(seq))
+            return i
+        digest = payload_sha256(payload)
+        if digest != digest_found:
+            report.chain_break = ChainBreak(seq, "payload_sha256", digest, digest_found)
+            return i
+        prev = chain_hash(prev, seq, at, source, digest, duplicate_of, reason, kind, session)
+        if prev != link_found:
+            report.chain_break = ChainBreak(seq, "chain_hash", prev, link_found)
+            return i
+    return len(rows)
+
+
+def verify_columns(conn: Connection, report: VerifyReport, after: int, upto: int, chunk: int = 10_000) -> None:
+    """The extracted columns (channel ... reference_id, which the chain does not cover) of every
+    row with ``after`` < seq <= ``upto`` against what ``notifications.reclassify`` derives from
+    the row's payload, and quarantine_reason never empty text: the first row that disagrees ->
+    report.column_mismatch."""
+    placeholder = _placeholder(conn)
+    # One bound and a LIMIT (as verify_chain reads): PostgreSQL's generic plan for a range
+    # "seq > $1 AND seq <= $2" sorted every remaining row of the range for each chunk.
+    sql = (f"SELECT seq, payload, quarantine_reason, kind, {', '.join(EXTRACTED)} FROM event_log "
+           f"WHERE seq > {placeholder} ORDER BY seq LIMIT {placeholder}")
+    extracted = operator.attrgetter(*EXTRACTED)
+    last = after
+    while report.column_mismatch is None and last < upto and \
+            (rows := [row for row in _raw_rows(conn, sql, (last, min(chunk, upto - last))) if row[0] <= upto]):
+        for row in rows:
+            if row[2] == "":  # the chain hashes NULL and "" alike; the store never writes ""
+                report.column_mismatch = ChainBreak(row[0], "quarantine_reason", "NULL or a reason", "''")
                 return
-            digest = payload_sha256(r.payload)
-            if digest != r.payload_sha256:
-                report.chain_break = ChainBreak(r.seq, "payload_sha256", digest, r.payload_sha256)
+            try:
+                derived = extracted(reclassify(row[1], row[2], row[3]))
+            except ValueError as exc:  # the row claims a message that does not read as one
+                report.column_mismatch = ChainBreak(row[0], "payload", "a readable message", f"not JSON: {exc}")
                 return
-            link = chain_hash(prev, r.seq, r.received_at, r.source, digest, r.duplicate_of, r.quarantine_reason,
-                              r.kind, r.session)
-            if link != r.chain_hash:
-                report.chain_break = ChainBreak(r.seq, "chain_hash", link, r.chain_hash)
+            if derived != row[4:]:
+                name, want, found = next(c for c in zip(EXTRACTED, derived, row[4:], strict=True) if c[1] != c[2])
+                report.column_mismatch = ChainBreak(row[0], name, str(want), str(found))
                 return
-            if report.column_mismatch is None:
-                try:
-                    derived = reclassify(r.payload, r.quarantine_reason, r.kind)
-                except ValueError as exc:  # the row claims a message that does not read as one
-                    report.column_mismatch = ChainBreak(r.seq, "payload", "a readable message",
-                                                        f"not JSON: {exc}")
-                    derived = None
-                for name in EXTRACTED if derived is not None else ():
-                    if getattr(derived, name) != getattr(r, name):
-                        report.column_mismatch = ChainBreak(r.seq, name, str(getattr(derived, name)),
-                                                            str(getattr(r, name)))
-                        break
-            prev, expected_seq = link, expected_seq + 1
-            report.rows, report.head_seq, report.head_hash = report.rows + 1, r.seq, link
+        last = rows[-1][0]
 
 
 def _check_counts(conn: Connection, report: VerifyReport, counted: Counter) -> None:

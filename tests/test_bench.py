@@ -8,17 +8,26 @@ import re
 import pytest
 from click.testing import CliRunner
 from conftest import PG_URL
-from sqlalchemy import text
+from helpers import feed
+from sqlalchemy import select, text
 
+from store import log
+from store import verify as verify_mod
 from store.bench import ORDER, parse_steps
 from store.cli import main
+from store.db import open_reader, snapshot
+from store.schema import event_log
+from store.simulate import simulate
+from store.verify import VerifyReport
 
-STEP_LINE = re.compile(r"^(append|raw|import|project|rebuild|verify) +([\d,]+) events/s +([\d.]+) s +"
+STEP_LINE = re.compile(r"^(append|raw|import|project|rebuild|verify-chain|verify) +([\d,]+) events/s +([\d.]+) s +"
                        r"peak RSS +(\d+) MB ")
+VERIFY_CHAIN_NOTE = re.compile(r"\(with columns ([\d,]+) events/s, ([\d.]+) s\)$")
 AUDIT_LINE = re.compile(r"^audit +(history|state --as-of) +median +([\d.]+) ms, max +([\d.]+) ms over 50 calls"
                         r".*peak RSS (\d+) MB$")
 RATIO_LINE = re.compile(r"^ +(PostgreSQL )?(append|import) / raw (insert|COPY): ([\d.]+)x")
-GOAL_LINE = re.compile(r"^  (rebuild >=|append >=|import >=|peak RSS|history, state).* (ok|MISSED|n/a)$")
+GOAL_LINE = re.compile(r"^  (rebuild >=|append >=|import >=|peak RSS|history, state|verify chain >=|full verify >=)"
+                       r".* (ok|MISSED|n/a)$")
 
 
 def _bench(*args: str) -> list[str]:
@@ -34,6 +43,10 @@ def _check_report(lines: list[str], raw: str) -> list[str]:
     assert set(steps) == set(ORDER) - {"audit"}
     for m in steps.values():
         assert int(m[2].replace(",", "")) > 0 and float(m[3]) >= 0 and int(m[4]) > 0
+    # verify-chain: the chain part alone, then with the extracted columns (as verify runs them).
+    columns = VERIFY_CHAIN_NOTE.search(steps["verify-chain"].string)
+    assert columns and int(columns[1].replace(",", "")) > 0 and float(columns[2]) >= 0
+    assert "FAILED" not in "\n".join(lines)
     audits = {m[1]: m for m in map(AUDIT_LINE.match, lines) if m}
     assert set(audits) == {"history", "state --as-of"}
     for m in audits.values():
@@ -45,7 +58,7 @@ def _check_report(lines: list[str], raw: str) -> list[str]:
     # import = append + project on a fresh store: slower than append alone.
     assert float(ratios["import"][4]) < float(ratios["append"][4])
     goals = lines[lines.index("goals:") + 1:-1]
-    assert len(goals) == 6 and all(map(GOAL_LINE.match, goals)), goals
+    assert len(goals) == 8 and all(map(GOAL_LINE.match, goals)), goals
     assert lines[-1].startswith("measured ")
     return goals
 
@@ -63,6 +76,8 @@ def test_bench_sqlite_reports_every_step_and_leaves_nothing(tmp_path):
     assert _goal(goals, "append >= 0.4 of raw COPY") == "n/a"
     assert _goal(goals, "append >= 0.45") in ("ok", "MISSED")
     assert _goal(goals, "peak RSS") == "ok"
+    assert _goal(goals, "verify chain >= 300,000 events/s (SQLite)") in ("ok", "MISSED")
+    assert _goal(goals, "full verify >= 50,000 events/s (SQLite)") in ("ok", "MISSED")
     assert list(workdir.iterdir()) == []
 
 
@@ -74,6 +89,7 @@ def test_bench_postgresql_reports_every_step_and_drops_its_databases(pg_admin, t
                for line in lines)
     assert _goal(goals, "append >= 0.45") == "n/a"
     assert _goal(goals, "append >= 0.4 of raw COPY") in ("ok", "MISSED")
+    assert _goal(goals, "verify chain >=") == _goal(goals, "full verify >=") == "n/a"  # SQLite goals
     prefix = re.search(r"throwaway databases (wis_bench_[0-9a-f]+)_\*", lines[0])[1]
     with pg_admin.connect() as conn:
         left = conn.execute(text("SELECT datname FROM pg_database WHERE datname LIKE :p"),
@@ -84,6 +100,7 @@ def test_bench_postgresql_reports_every_step_and_drops_its_databases(pg_admin, t
 
 def test_bench_steps_subset_runs_what_they_need(tmp_path):
     assert parse_steps("verify") == ("append", "project", "verify")
+    assert parse_steps("verify-chain") == ("append", "verify-chain")
     assert parse_steps(" rebuild , raw") == ("append", "raw", "rebuild")
     assert parse_steps(None) == ORDER
     result = CliRunner().invoke(main, ["bench", "--events", "100", "--steps", "import", "--workdir", str(tmp_path)])
@@ -110,3 +127,53 @@ def test_bench_takes_the_db_given_before_the_command_name():
     result = CliRunner().invoke(main, ["--db", "sqlite:///x.db", "bench", "--events", "100"])
     assert result.exit_code == 1
     assert "bench --db takes a PostgreSQL URL (got sqlite:///x.db)" in result.output
+
+
+# -- verify's chain: the bulk path reports what the row-by-row reference reports -----------------
+
+def _tamper(engine, sql: str) -> None:
+    with engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            for name in ("event_log_no_update", "event_log_no_delete"):
+                conn.execute(text(f"DROP TRIGGER IF EXISTS {name}"))
+        else:
+            conn.execute(text("ALTER TABLE event_log DISABLE TRIGGER USER"))
+        conn.execute(text(sql))
+
+
+def test_verify_chain_bulk_path_reports_as_the_row_by_row_reference(engine, monkeypatch):
+    """verify_chain checks chunks of rows the store wrote in bulk (``_links_fast``) and any other
+    chunk row by row (``_links_exact``); whatever is wrong, both make the same report, from seq 1
+    and from a later start, with and without the column check."""
+    feed(engine, list(simulate(400, agents=5, seed=3, noise_rate=0.05)), source="sim")
+    reader = open_reader(engine.url.render_as_string(hide_password=False))
+    plain_times = verify_mod._plain_times
+
+    def reports(after: int = 0, after_hash: str = log.GENESIS_HASH):
+        found = []
+        for bulk in (True, False):
+            monkeypatch.setattr(verify_mod, "_plain_times", plain_times if bulk else lambda *a: None)
+            for columns in (True, False):
+                with snapshot(reader) as conn:
+                    report = VerifyReport()
+                    verify_mod.verify_chain(conn, report, chunk=64, after=after, after_hash=after_hash,
+                                            columns=columns)
+                found.append(report)
+        assert found[0] == found[2] and found[1] == found[3]
+        return found[0]
+
+    with snapshot(engine) as conn:
+        hashes = dict(conn.execute(select(event_log.c.seq, event_log.c.chain_hash)).all())
+    assert reports().ok and reports(100, hashes[100]).ok
+    tampering = [
+        ("UPDATE event_log SET workitem_id = 'forged' WHERE seq = 330", "column_mismatch", 330),
+        ("UPDATE event_log SET payload = payload || ' ' WHERE seq = 350", "chain_break", 350),
+        ("UPDATE event_log SET chain_hash = 'x' WHERE seq = 300", "chain_break", 300),
+        ("DELETE FROM event_log WHERE seq = 250", "chain_break", 250),
+        ("UPDATE event_log SET received_at = '2026-11-02 08:00:00' WHERE seq = 200", "chain_break", 200),
+    ]
+    for sql, problem, seq in tampering:
+        _tamper(engine, sql)
+        assert getattr(reports(), problem).seq == seq, sql
+        assert getattr(reports(100, hashes[100]), problem).seq == seq, sql
+    reader.dispose()

@@ -597,6 +597,13 @@ def test_a_null_quarantine_reason_made_empty_is_found_by_the_full_verify(sealed)
     assert lines[0].startswith("seals ok") and report["chain_break"] is None
     assert {(c["quarantine_reason"], c["counted"] - c["recorded"]) for c in report["counts_mismatch"]} == {
         ("", 1), (None, -1)}
+    assert report["column_mismatch"] == {"seq": 5, "what": "quarantine_reason", "expected": "NULL or a reason",
+                                         "found": "''"}
+    # The daily check finds it too when the row is after the last seal.
+    with behind_the_back(sealed.url) as conn:
+        conn.execute(update(event_log).where(event_log.c.seq == 85).values(quarantine_reason=""))
+    lines, report = verify_fails(sealed, "--since-last-seal")
+    assert report["column_mismatch"]["seq"] == 85
 
 
 # -- property: any one row changed under a seal, re-chained, is found ------------------------------
