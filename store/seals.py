@@ -197,8 +197,8 @@ def store_id(conn: Connection) -> str:
     return conn.execute(select(store_identity.c.store_id)).scalar_one()
 
 
-def table_seals(conn: Connection, since_n: int = 0) -> list[Seal]:
-    rows = conn.execute(select(seals).where(seals.c.n > since_n).order_by(seals.c.n))
+def table_seals(conn: Connection) -> list[Seal]:
+    rows = conn.execute(select(seals).order_by(seals.c.n))
     return [Seal(**row._mapping) for row in rows]
 
 
@@ -288,8 +288,8 @@ def append_witness(path: str | Path, made: Seal) -> None:
 def read_witness(path: str | Path) -> tuple[list[Seal], list[str]]:
     """The seals of a witness file, and a problem for each line that is not one."""
     found, problems = [], []
-    text_ = _read(path, "witness file").decode("utf-8", errors="replace")
-    for number, line in enumerate(text_.splitlines(), 1):
+    lines = _read(path, "witness file").decode("utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:

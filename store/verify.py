@@ -343,8 +343,10 @@ def compare_projections(conn: Connection, report: VerifyReport, checkpoints: dic
     The rebuild runs into a scratch SQLite store in a temporary directory ($TMPDIR; it needs
     about the space of the projection tables), step by step as ``rebuild`` does, so memory does
     not grow with the log; then each table and its rebuilt twin are read in primary-key order
-    and compared as two sorted streams.
+    and compared as two sorted streams.  A SQLite store's rows are compared as stored (the
+    driver's values), and only rows that differ so are compared again as their canonical form.
     """
+    raw = conn.dialect.name == "sqlite"  # both sides SQLite: the stored values compare as they are
     with tempfile.TemporaryDirectory(prefix="workitem-store-verify-") as tmp:
         scratch = open_store(f"sqlite:///{Path(tmp) / 'rebuilt.db'}")
         try:
@@ -357,8 +359,9 @@ def compare_projections(conn: Connection, report: VerifyReport, checkpoints: dic
                     for cls in PROJECTIONS:
                         seq, recorded = checkpoints[cls.name]
                         if seq == upto:
-                            found = _compare_table(cls.table, _sorted_rows(rebuilt, cls.table),
-                                                   _sorted_rows(conn, cls.table), upto, report, examples)
+                            found = _compare_table(cls.table, _sorted_rows(rebuilt, cls.table, raw),
+                                                   _sorted_rows(conn, cls.table, raw), upto, report, examples,
+                                                   _raw_canonical(cls.table, scratch.dialect) if raw else None)
                             if found != recorded:
                                 report.counts_mismatch.append({"table": "projection_checkpoints", "projection": cls.name,
                                                                "counted": found, "recorded": recorded})
@@ -366,10 +369,21 @@ def compare_projections(conn: Connection, report: VerifyReport, checkpoints: dic
             scratch.dispose()
 
 
-def _sorted_rows(conn: Connection, table: Table) -> Iterator[tuple[tuple, tuple]]:
+def _sorted_rows(conn: Connection, table: Table, raw: bool = False) -> Iterator[tuple[tuple, tuple]]:
     """(primary key, canonical row) of every row, in primary-key order as Python orders the
-    keys (text by code point: SQLite's BINARY, PostgreSQL's "C" collation), streamed."""
+    keys (text by code point: SQLite's BINARY, PostgreSQL's "C" collation), streamed.  ``raw``
+    (SQLite): the row as the driver reads it, not its canonical form (``_raw_canonical``)."""
     columns = [col.name for col in table.columns]
+    if raw:
+        key_at = [columns.index(col.name) for col in table.primary_key.columns]
+        quote = conn.dialect.identifier_preparer.quote
+        cursor = conn.connection.cursor()
+        cursor.execute(f"SELECT {', '.join(map(quote, columns))} FROM {quote(table.name)} "
+                       f"ORDER BY {', '.join(quote(columns[i]) for i in key_at)}")
+        key_of = operator.itemgetter(*key_at)  # (a value, not a 1-tuple, for a one-column key: as on the other side)
+        while rows := cursor.fetchmany(5000):
+            yield from zip(map(key_of, rows), rows)
+        return
     json_columns = {col.name for col in table.columns if isinstance(col.type, JSON)}
     key = [col.name for col in table.primary_key.columns]
     order = [col.collate("C") if conn.dialect.name == "postgresql" and isinstance(col.type, String) else col
@@ -379,18 +393,35 @@ def _sorted_rows(conn: Connection, table: Table) -> Iterator[tuple[tuple, tuple]
         yield tuple(mapping[k] for k in key), _canonical(mapping, columns, json_columns)
 
 
+def _raw_canonical(table: Table, dialect):
+    """A function from a row of ``table`` as the SQLite driver reads it to its canonical form
+    (what ``_sorted_rows`` yields without ``raw``)."""
+    columns = [col.name for col in table.columns]
+    json_columns = {col.name for col in table.columns if isinstance(col.type, JSON)}
+    processors = [col.type.dialect_impl(dialect).result_processor(dialect, None) for col in table.columns]
+
+    def canonical(row: tuple) -> tuple:
+        values = {name: value if p is None or value is None else p(value)
+                  for name, value, p in zip(columns, row, processors, strict=True)}
+        return _canonical(values, columns, json_columns)
+    return canonical
+
+
 def _compare_table(table: Table, expected: Iterator, found: Iterator, checkpoint: int, report: VerifyReport,
-                   examples: int) -> int:
+                   examples: int, canonical=None) -> int:
     """Merge two key-ordered streams of (key, row); a key in both with different rows counts as
-    one row missing and one unexpected.  Returns how many rows ``found`` had."""
+    one row missing and one unexpected.  Returns how many rows ``found`` had.  ``canonical``:
+    the streams hold stored rows; two that differ are compared again as canonical rows (and
+    examples are shown in that form)."""
     columns = [col.name for col in table.columns]
     diff = {"checkpoint": checkpoint, "missing": 0, "unexpected": 0, "missing_examples": [],
             "unexpected_examples": []}
+    canonical = canonical or (lambda row: row)
 
     def note(kind: str, row: tuple) -> None:
         diff[kind] += 1
         if len(diff[f"{kind}_examples"]) < examples:
-            diff[f"{kind}_examples"].append(dict(zip(columns, map(str, row), strict=True)))
+            diff[f"{kind}_examples"].append(dict(zip(columns, map(str, canonical(row)), strict=True)))
 
     count = 0
     e, f = next(expected, None), next(found, None)
@@ -404,7 +435,7 @@ def _compare_table(table: Table, expected: Iterator, found: Iterator, checkpoint
             note("unexpected", f[1])
             f = next(found, None)
         else:
-            if e[1] != f[1]:
+            if e[1] != f[1] and canonical(e[1]) != canonical(f[1]):
                 note("missing", e[1])
                 note("unexpected", f[1])
             e, f = next(expected, None), next(found, None)

@@ -241,6 +241,28 @@ def test_verify_detects_an_altered_projection(imported):
     run("verify", "--db", imported)
 
 
+def test_verify_compares_projection_rows_by_meaning_and_shows_them_so(imported):
+    """Stored values that differ only in form (JSON spacing and key order, a timestamp spelled
+    another way) are equal; a changed value is reported, its example in the canonical form."""
+    engine = open_store(imported)
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.begin() as conn:
+        if sqlite:  # (PostgreSQL keeps jsonb and timestamptz by value: no other form to store)
+            conn.execute(text("UPDATE workitems SET capabilities = replace(capabilities, ',', ' ,  '), "
+                              "first_seen_at = replace(first_seen_at, ' ', 'T') WHERE workitem_id = 'W1'"))
+    result = run("verify", "--db", imported)
+    assert "projections ok" in result.output
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE workitems SET notification_count = notification_count + 1 WHERE workitem_id = 'W1'"))
+    engine.dispose()
+    report = json.loads(run("verify", "--json", "--db", imported, ok=False).output)
+    diff = report["differences"]["workitems"]
+    assert (diff["missing"], diff["unexpected"]) == (1, 1)
+    shown = diff["unexpected_examples"][0]
+    assert shown["workitem_id"] == "W1" and shown["first_seen_at"].endswith("+00:00")
+    assert int(shown["notification_count"]) == int(diff["missing_examples"][0]["notification_count"]) + 1
+
+
 def test_verify_detects_counts_that_disagree_with_the_log(imported):
     # status reads event_log_counts; a count changed behind the store's back shows in verify.
     engine = open_store(imported)
