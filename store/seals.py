@@ -29,6 +29,7 @@ from sqlalchemy import Connection, Engine, select, text
 from . import log
 from .db import StoreError, insert_rows, write_transaction
 from .notifications import utc_text
+from .projections.base import select_in
 from .schema import event_log, seals, store_identity
 
 FORMAT = "workitem-store-seal/1"
@@ -395,12 +396,8 @@ def _problem(s: Seal, previous: Seal | None, public_key: Ed25519PublicKey | None
 
 
 def _chain_hashes(conn: Connection, seqs: Iterable[int]) -> dict[int, str]:
-    wanted = sorted(seqs)
-    found: dict[int, str] = {}
-    for i in range(0, len(wanted), 900):
-        query = select(event_log.c.seq, event_log.c.chain_hash).where(event_log.c.seq.in_(wanted[i:i + 900]))
-        found.update((seq, chain) for seq, chain in conn.execute(query))
-    return found
+    query = select(event_log.c.seq, event_log.c.chain_hash)
+    return {seq: chain for seq, chain in select_in(conn, query, [event_log.c.seq], seqs)}
 
 
 @dataclass(frozen=True)
