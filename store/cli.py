@@ -12,10 +12,14 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from . import audit, db, export, output, proofs, query as query_mod, seals, status as status_mod, verify as verify_mod
+from . import audit, db, export, output, proofs, seals
+from . import query as query_mod
+from . import status as status_mod
+from . import verify as verify_mod
 from .ingest import files
 from .projections import runner
-from .simulate import FORMATS, simulate as simulate_lines
+from .simulate import FORMATS
+from .simulate import simulate as simulate_lines
 
 
 def db_option(command):
@@ -1134,8 +1138,8 @@ def demo(seconds, agents, rate):
 
     from sqlalchemy import func, select, text
 
-    from .ingest.gws_simulator import GwsSimulator
     from .ingest.config import SessionConfig
+    from .ingest.gws_simulator import GwsSimulator
     from .ingest.service import Ingestor
     from .schema import event_log
 

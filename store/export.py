@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 from sqlalchemy import Connection, select
 
-from .schema import event_log
 from .notifications import LINE_REASONS, NOTIFICATION, envelope_line, parse_line, utc_text
+from .schema import event_log
 
 _JSON_WS = " \t\r\n"
 

@@ -44,8 +44,8 @@ MAX_KEY_BYTES = 512  # UTF-8 bytes of an indexed key (PostgreSQL's btree entries
 TOO_DEEP = f"not JSON: nested deeper than {MAX_DEPTH} levels"
 # received_at must be an instant every engine and every session time zone can show (one day
 # inside Python's years 1 to 9999, so that no UTC offset carries it out of range).
-MIN_TIME = dt.datetime(1, 1, 2, tzinfo=dt.timezone.utc)
-MAX_TIME = dt.datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=dt.timezone.utc)
+MIN_TIME = dt.datetime(1, 1, 2, tzinfo=dt.UTC)
+MAX_TIME = dt.datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=dt.UTC)
 # The event_log columns read out of a payload (besides the quarantine reason).
 EXTRACTED = ("channel", "message_id", "message_type", "notification_type", "workitem_id", "reference_id")
 
@@ -159,7 +159,7 @@ def parse_timestamp(value: Any) -> dt.datetime:
         raise ValueError(f"timestamp must be an ISO-8601 string, got {value!r}")
     parsed = dt.datetime.fromisoformat(value)
     try:
-        at = parsed.replace(tzinfo=dt.timezone.utc) if parsed.tzinfo is None else parsed.astimezone(dt.timezone.utc)
+        at = parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed.astimezone(dt.UTC)
     except OverflowError:
         at = None
     if at is None or not MIN_TIME <= at <= MAX_TIME:
@@ -462,14 +462,14 @@ def utc_text(at: dt.datetime) -> str:
 
     (isoformat: several times faster than the equivalent strftime.)
     """
-    if at.tzinfo is not dt.timezone.utc:
-        at = at.astimezone(dt.timezone.utc)
+    if at.tzinfo is not dt.UTC:
+        at = at.astimezone(dt.UTC)
     return at.isoformat(timespec="microseconds")[:26] + "Z"  # [:26] drops "+00:00"
 
 
 def epoch_text(seconds: float) -> str:
     """``utc_text`` of a POSIX time (epoch seconds)."""
-    return utc_text(dt.datetime.fromtimestamp(seconds, dt.timezone.utc))
+    return utc_text(dt.datetime.fromtimestamp(seconds, dt.UTC))
 
 
 def envelope_line(received_at: dt.datetime, source: str, payload: str, session: str | None = None) -> str:

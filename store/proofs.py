@@ -18,7 +18,8 @@ from sqlalchemy import Connection, select
 from .db import StoreError
 from .log import GENESIS_HASH, chain_hash, payload_sha256
 from .notifications import KINDS, parse_timestamp, utc_text
-from .schema import event_log, seals as seals_table
+from .schema import event_log
+from .schema import seals as seals_table
 from .seals import Seal
 
 FORMAT = "workitem-store-proof/1"

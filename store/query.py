@@ -229,8 +229,17 @@ def grant_readonly(engine: Engine, role: str, *, password: str | None = None, lo
     not take, the result says so.  The password is never printed; a server that logs
     statements logs it, as for any ALTER ROLE.
     """
-    from .schema import (PROJECTION_TABLES, VIEWS, event_log, event_log_counts, imported_files,
-                         projection_checkpoints, projection_errors, seals, store_identity)
+    from .schema import (
+        PROJECTION_TABLES,
+        VIEWS,
+        event_log,
+        event_log_counts,
+        imported_files,
+        projection_checkpoints,
+        projection_errors,
+        seals,
+        store_identity,
+    )
 
     relations = [t.name for t in (*PROJECTION_TABLES, *VIEWS, projection_checkpoints)] + ["alembic_version"]
     if with_log:

@@ -14,9 +14,9 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
-    Float,
     Column,
     DateTime,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -77,7 +77,7 @@ class UTCDateTime(TypeDecorator):
             return value
         text = _SQLITE_TEXT.get(value)
         if text is None:
-            text = value.astimezone(dt.timezone.utc).isoformat(" ", "microseconds")[:26]
+            text = value.astimezone(dt.UTC).isoformat(" ", "microseconds")[:26]
             _remember(value, text)
         return text
 
@@ -85,12 +85,12 @@ class UTCDateTime(TypeDecorator):
         if value is None:
             return None
         if isinstance(value, str):
-            text, value = value, dt.datetime.fromisoformat(value).replace(tzinfo=dt.timezone.utc)
+            text, value = value, dt.datetime.fromisoformat(value).replace(tzinfo=dt.UTC)
             _remember(value, text)
             return value
         if value.tzinfo is None:
-            return value.replace(tzinfo=dt.timezone.utc)
-        return value.astimezone(dt.timezone.utc)
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
 
 
 class SQLiteJSONText(TypeDecorator):

@@ -223,7 +223,7 @@ def seal(engine: Engine, key: Ed25519PrivateKey, witness: str | Path | None = No
             last = _adopt_orphan(conn, witness, last, key.public_key()) or last
         unsigned = Seal(
             store_id=store_id(conn), n=last.n + 1 if last else 1, seq=seq, chain_hash=chain_hash,
-            rows=sum(n for *_, n in log.counts(conn)), sealed_at=utc_text(dt.datetime.now(dt.timezone.utc)),
+            rows=sum(n for *_, n in log.counts(conn)), sealed_at=utc_text(dt.datetime.now(dt.UTC)),
             witnessed=witness is not None, prev=last.digest() if last else NO_SEAL,
             key_id=key_id(key.public_key()),
         )

@@ -60,7 +60,7 @@ class Simulator:
             raise ValueError("agents must be at least 1")
         self.rng = random.Random(seed)
         self.agents = [_Agent(f"agent-{i:03d}") for i in range(1, agents + 1)]
-        self.clock = start or dt.datetime(2026, 11, 2, 8, 0, tzinfo=dt.timezone.utc)
+        self.clock = start or dt.datetime(2026, 11, 2, 8, 0, tzinfo=dt.UTC)
         self.mean_gap = mean_gap_seconds
         self.error_rate, self.duplicate_rate, self.noise_rate = error_rate, duplicate_rate, noise_rate
         self.queue: list[tuple[dt.datetime, int, _Workitem]] = []

@@ -24,7 +24,7 @@ from store.schema import PROJECTION_TABLES, event_log, projection_checkpoints
 PG_URL = os.environ.get("WORKITEM_STORE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MT = "WorkitemStateChangeMessage"
 CHANNEL = "/v2/me/workitems"
-UTC = dt.timezone.utc
+UTC = dt.UTC
 _ABSENT = object()
 
 

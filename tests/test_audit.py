@@ -22,12 +22,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings, strategies as st
+from helpers import UTC, at, bare, bayeux, data, envelope, feed, fresh_store
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from helpers import UTC, at, bare, bayeux, data, envelope, feed, fresh_store
 from store import audit, db
 from store.cli import main
 from store.db import open_store

@@ -23,8 +23,8 @@ import pytest
 from aiohttp import web
 from cometd_server import (
     CHANNEL,
-    POISON,
     DEADLINE,
+    POISON,
     Control,
     NodeServer,
     Recorder,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import at, bare, bayeux, data, envelope, fresh_url, log_rows, projection_snapshot, table_rows
 from sqlalchemy import create_engine, func, select, text
 
-from helpers import bare, bayeux, data, envelope, at, fresh_url, log_rows, projection_snapshot, table_rows
 from store.cli import main
 from store.db import head_revision, open_store
 from store.projections import PROJECTIONS

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import bare, checkpoints, data, feed, projection_snapshot, table_rows
 from sqlalchemy import func, select, text
 
-from helpers import bare, checkpoints, data, feed, projection_snapshot, table_rows
 from store import log
 from store.db import open_store, write_transaction
 from store.notifications import parse_line
@@ -144,7 +144,7 @@ class Appender(threading.Thread):
                     self.pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
                 self.appending.set()
                 self.result = log.append(conn, [parse_line(bare(data("StatusChange", self.wid, state="Invited")))],
-                                         source="s", received_at=dt.datetime.now(dt.timezone.utc))
+                                         source="s", received_at=dt.datetime.now(dt.UTC))
                 self.appended.set()
                 if self.hold is not None:
                     assert self.hold.wait(timeout=60), "never released"

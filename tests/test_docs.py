@@ -27,12 +27,12 @@ import click
 import pytest
 from sqlalchemy import select, text
 
+from store import schema
 from store.cli import main as cli_main
 from store.db import open_store
-from store.query import grant_readonly
 from store.ingest.files import import_lines
 from store.projections import runner
-from store import schema
+from store.query import grant_readonly
 from store.schema import event_log, metadata
 from store.simulate import simulate
 
@@ -120,7 +120,7 @@ def test_sql_md_has_examples():
 def live_capture() -> list[str]:
     from helpers import live, marker, snapshot, started
 
-    at = dt.datetime(2026, 11, 2, 12, 0, tzinfo=dt.timezone.utc)
+    at = dt.datetime(2026, 11, 2, 12, 0, tzinfo=dt.UTC)
     second = dt.timedelta(seconds=1)
     invited = {"messageType": "WorkitemStateChangeMessage", "notificationType": "StatusChange",
                "workitem": {"id": "LIVE0000000001", "state": "Invited", "capabilities": ["Accept", "Reject"]}}
@@ -322,7 +322,7 @@ def test_sql_md_names_each_writer():
 def documented_chain_hash(prev, seq, received_at, source, payload_sha256, duplicate_of, reason,
                           kind="notification", session=None):
     """The formula of docs/RULES.md, written out independently of store/log.py."""
-    stamp = received_at.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    stamp = received_at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     fields = [prev, str(seq), stamp, source, payload_sha256,
               "" if duplicate_of is None else str(duplicate_of), reason or ""]
     if kind != "notification" or session is not None:
@@ -347,7 +347,7 @@ def test_rules_md_worked_example():
     payload = re.search(r"payload: `(.*?)`\n", body).group(1)
     digest = re.search(r"payload_sha256: `([0-9a-f]{64})`", body).group(1)
     link = re.search(r"chain_hash: `([0-9a-f]{64})`", body).group(1)
-    at = dt.datetime(2026, 11, 2, 8, 0, 0, 123456, tzinfo=dt.timezone.utc)
+    at = dt.datetime(2026, 11, 2, 8, 0, 0, 123456, tzinfo=dt.UTC)
     assert payload_sha256(payload) == digest
     assert chain_hash("0" * 64, 1, at, "agent-001", digest, None, None) == link
     assert documented_chain_hash("0" * 64, 1, at, "agent-001", digest, None, None) == link

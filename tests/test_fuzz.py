@@ -15,11 +15,12 @@ import os
 
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings, strategies as st
-from sqlalchemy import func, select
-
 from fuzz_inputs import categories, hostile_lines, is_blank
 from helpers import feed, fresh_url
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import func, select
+
 from store import log
 from store.cli import main
 from store.db import StoreError, open_store, write_transaction
@@ -114,7 +115,7 @@ def test_hostile_live_messages_are_stored_like_file_lines(engine, lines):
     """Live ingest: each message text goes through the writer's classification (the same as a
     file line's) and is appended; none is refused by either engine."""
     texts = [raw.decode("utf-8", "backslashreplace") for raw in lines]  # what the Bayeux client hands on
-    entry = Entry(NOTIFICATION, "live", "i/live/1", dt.datetime.now(dt.timezone.utc), texts)
+    entry = Entry(NOTIFICATION, "live", "i/live/1", dt.datetime.now(dt.UTC), texts)
     with write_transaction(engine) as conn:
         result = log.append(conn, notifications_of(entry), source="live", received_at=entry.received_at)
     assert result.appended == len(texts)

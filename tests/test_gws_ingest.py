@@ -472,10 +472,10 @@ def test_kill_9_and_a_restart_20_s_later_heal_what_was_missed(cometd, db_url, tm
                 cmdline = Path(f"/proc/{ingest.process.pid}/cmdline").read_bytes().decode()
                 publisher = asyncio.create_task(stream.run())
                 await wait_rows(engine, 200, deadline=30)
-                killed_at = dt.datetime.now(dt.timezone.utc)
+                killed_at = dt.datetime.now(dt.UTC)
                 ingest.kill()
                 await asyncio.sleep(20)  # the workitems go on changing while nobody listens
-                restarted_at = dt.datetime.now(dt.timezone.utc)
+                restarted_at = dt.datetime.now(dt.UTC)
                 await ingest.start()
                 await wait_health(ingest.base, 200, "every session connected again")
                 await asyncio.sleep(3)  # and some more changes, seen live

@@ -12,13 +12,24 @@ import datetime as dt
 import io
 import json
 
+from helpers import (
+    at,
+    bare,
+    data,
+    feed,
+    fresh_store,
+    live,
+    log_rows,
+    marker,
+    projection_snapshot,
+    snapshot,
+    started,
+    table_rows,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, text
 
-from helpers import (
-    at, bare, data, feed, fresh_store, live, log_rows, marker, projection_snapshot, snapshot, started, table_rows,
-)
 from store import audit, log
 from store.export import export_lines
 from store.ingest.files import import_stream

@@ -9,12 +9,22 @@ import json
 import re
 
 import pytest
+from helpers import (
+    MT,
+    at,
+    bare,
+    bayeux,
+    data,
+    envelope,
+    feed,
+    fresh_store,
+    log_rows,
+    projection_snapshot,
+    table_rows,
+)
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 
-from helpers import (
-    MT, at, bare, bayeux, data, envelope, feed, fresh_store, log_rows, projection_snapshot, table_rows,
-)
 from store import log
 from store.db import open_store, write_transaction
 from store.export import export_lines
@@ -25,7 +35,7 @@ from store.schema import event_log, imported_files, request_outcomes, workitem_t
 from store.simulate import simulate
 from store.verify import verify
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def now():

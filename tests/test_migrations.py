@@ -14,10 +14,10 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from helpers import bare, data, feed, fresh_url
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import DBAPIError
 
-from helpers import bare, data, feed, fresh_url
 from store.db import MIGRATIONS_DIR, StoreError, alembic_config, current_revision, head_revision, open_store
 from store.schema import metadata
 
@@ -150,8 +150,9 @@ def _fixture_rows() -> tuple[list[dict], list[dict]]:
 def test_a_store_of_the_previous_version_upgrades_in_place_with_its_chain(db_url, tmp_path):
     """`workitem-store init` on a store made by 0.1.0: the same rows, the same chain head, verify
     passes; the projections (whose rules changed) are rebuilt by the next `project`."""
-    from store.cli import main
     from click.testing import CliRunner
+
+    from store.cli import main
 
     old_log, old_files = _fixture_rows()
     if db_url.startswith("sqlite"):

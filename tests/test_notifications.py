@@ -6,13 +6,14 @@ import datetime as dt
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
-
 from helpers import MT, bare, bayeux, data, envelope
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from store.ingest.files import decode_line
 from store.notifications import as_text, envelope_line, parse_line, parse_timestamp
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def test_bayeux_message_is_classified_and_kept_whole():

@@ -5,20 +5,33 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from helpers import (
+    at,
+    bare,
+    bayeux,
+    checkpoints,
+    data,
+    envelope,
+    feed,
+    log_rows,
+    projection_snapshot,
+    table_rows,
+)
 from sqlalchemy import text, update
 
-from helpers import (
-    at, bare, bayeux, checkpoints, data, envelope, feed, log_rows, projection_snapshot, table_rows,
-)
 from store import log
 from store.projections import PROJECTIONS, runner
 from store.schema import (
-    capability_history, projection_checkpoints, request_outcomes, workitem_transitions, workitems,
+    capability_history,
+    projection_checkpoints,
+    request_outcomes,
+    workitem_transitions,
+    workitems,
 )
 from store.simulate import simulate
 from store.verify import verify
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 CODE_VERSIONS = {cls.name: cls.version for cls in PROJECTIONS}
 
 

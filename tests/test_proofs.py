@@ -19,9 +19,9 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from helpers import at, bayeux, data, envelope, feed, live, log_rows, marker, snapshot, started
 from sqlalchemy import select
 
-from helpers import at, bayeux, data, envelope, feed, live, log_rows, marker, snapshot, started
 from store import proofs, seals
 from store.cli import main
 from store.db import insert_rows, open_store, write_transaction

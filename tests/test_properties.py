@@ -11,10 +11,11 @@ import io
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from helpers import MT, at, bare, bayeux, data, envelope, feed, fresh_store, log_rows, projection_snapshot
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select
 
-from helpers import MT, at, bare, bayeux, data, envelope, feed, fresh_store, log_rows, projection_snapshot
 from store.export import export_lines
 from store.ingest.files import import_stream
 from store.projections import runner

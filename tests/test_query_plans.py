@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 
+from helpers import feed
 from sqlalchemy import event, text
 
-from helpers import feed
 from store import audit
 from store.projections import runner
 from store.simulate import simulate

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import bayeux, data
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from helpers import bayeux, data
 from store.cli import main
 from store.db import hide_password, safe_url
 

@@ -26,21 +26,23 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from helpers import bare, data, feed, fresh_store, fresh_url
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import create_engine, delete, func, insert, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+from test_cli import run
+from test_properties import PROPERTY, _require, stream
 
-from helpers import bare, data, feed, fresh_store, fresh_url
 from store import log, seals
 from store.db import open_store
 from store.ingest import files
 from store.log import GENESIS_HASH, chain_hash, payload_sha256
 from store.projections import runner
-from store.schema import event_log, event_log_counts, imported_files, seals as seals_table, store_identity
+from store.schema import event_log, event_log_counts, imported_files, store_identity
+from store.schema import seals as seals_table
 from store.simulate import simulate
-from test_cli import run
-from test_properties import PROPERTY, _require, stream
 
 # -- an attacker's tools ---------------------------------------------------------------------------
 
@@ -140,7 +142,7 @@ def seals_in_table(url: str) -> list[dict]:
 # -- a sealed store ----------------------------------------------------------------------------------
 
 def simulated(path: Path, events: int, seed: int) -> Path:
-    start = dt.datetime(2026, 11, 1 + seed, 8, tzinfo=dt.timezone.utc)  # each file a day after the one before
+    start = dt.datetime(2026, 11, 1 + seed, 8, tzinfo=dt.UTC)  # each file a day after the one before
     path.write_text("".join(line + "\n" for line in simulate(events, seed=seed, start=start, error_rate=0.1,
                                                                  duplicate_rate=0.05)))
     return path

@@ -19,7 +19,16 @@ import pytest
 from cometd_server import DEADLINE, Control, eventually, notification
 from sqlalchemy import func, select
 from test_gws_ingest import (
-    FAST, Ingest, _config, assert_no_secret, metric, run, subscribed, users, wait_health, wait_rows,
+    FAST,
+    Ingest,
+    _config,
+    assert_no_secret,
+    metric,
+    run,
+    subscribed,
+    users,
+    wait_health,
+    wait_rows,
 )
 
 from store import seals

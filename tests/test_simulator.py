@@ -21,7 +21,6 @@ import ssl
 
 import aiohttp
 import pytest
-
 from cometd_server import DEADLINE, Recorder, eventually
 
 from store.ingest.bayeux import BayeuxClient, BayeuxError

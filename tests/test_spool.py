@@ -13,17 +13,17 @@ import json
 import threading
 
 import pytest
-from sqlalchemy import select, text
-
 from cometd_server import eventually
 from helpers import data, log_rows
+from sqlalchemy import select, text
+
 from store.ingest.spool import Entry, Spool
-from store.projections import runner
 from store.ingest.writer import DurableLog, SpoolFull
+from store.projections import runner
 from store.schema import event_log
 from store.verify import verify
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 

@@ -46,7 +46,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.Text(), nullable=False),
         sa.PrimaryKeyConstraint("store_id", name=op.f("pk_store_identity")),
     )
-    created_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")[:26] + "Z"
+    created_at = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")[:26] + "Z"
     op.execute(sa.text("INSERT INTO store_identity (store_id, created_at) VALUES (:id, :at)").bindparams(
         id=str(uuid.uuid4()), at=created_at))
     op.create_table(

@@ -133,7 +133,7 @@ def import_stream(engine: Engine, stream: BinaryIO, *, file_name: str, source: s
     record = None  # this import's imported_files row, once a step committed
     offset = 0  # bytes of the stream in the log
     earlier = 0  # rows of the import this one resumes
-    next_free = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+    next_free = dt.datetime.min.replace(tzinfo=dt.UTC)
     batches = None
     while True:
         # The cyclic collector is postponed per step, not for the whole import: a step's
@@ -159,7 +159,7 @@ def import_stream(engine: Engine, stream: BinaryIO, *, file_name: str, source: s
             for raw_lines in batches:
                 # Lines without an envelope: the time of reading, one microsecond apart
                 # (log.append), never reusing an instant of the batch before.
-                received_at = max(dt.datetime.now(dt.timezone.utc), next_free)
+                received_at = max(dt.datetime.now(dt.UTC), next_free)
                 next_free = received_at + len(raw_lines) * log.MICROSECOND
                 _append(conn, raw_lines, source, received_at, context, result)
                 consumed = sum(map(len, raw_lines))
@@ -202,7 +202,7 @@ def _record(conn, record, result: ImportResult, earlier: int, offset: int, compl
     ``earlier`` rows of the run it resumes); return it as stored."""
     c = imported_files.c
     values = {"file_name": result.file_name, "sha256": result.sha256, "complete": complete,
-              "resume_offset": None if complete else offset, "imported_at": dt.datetime.now(dt.timezone.utc),
+              "resume_offset": None if complete else offset, "imported_at": dt.datetime.now(dt.UTC),
               "rows": earlier + result.appended}
     if record is None:
         values |= {"first_seq": result.first_seq, "last_seq": result.last_seq}

@@ -80,7 +80,7 @@ def storable(value: Any) -> Any:
 
 
 def _epoch(seconds: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
+    return dt.datetime.fromtimestamp(seconds, dt.UTC)
 
 
 class GwsSession:
@@ -100,7 +100,7 @@ class GwsSession:
         self.snapshot_timeout = snapshot_timeout
         self._on_session_id = on_session_id
         self._sessions = 0
-        self._next_at = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+        self._next_at = dt.datetime.min.replace(tzinfo=dt.UTC)
         self._stopped = False
         self._csrf: dict[str, str] = {}
         self._ssl = config.ssl_context()
@@ -166,7 +166,7 @@ class GwsSession:
         if event.kind == "started":
             self._sessions += 1
             self.session_id = f"{self.instance}/{self.source}/{self._sessions}"
-            self._next_at = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+            self._next_at = dt.datetime.min.replace(tzinfo=dt.UTC)
             if self._on_session_id is not None:
                 await self._on_session_id(self.session_id)
             await self._mark("started", event.at, **common)
@@ -206,7 +206,7 @@ class GwsSession:
     async def _on_batch(self, batch: list[tuple[dict, str]]) -> None:
         self.stats.received += len(batch)
         try:
-            await self._write(NOTIFICATION, [raw for _, raw in batch], dt.datetime.now(dt.timezone.utc))
+            await self._write(NOTIFICATION, [raw for _, raw in batch], dt.datetime.now(dt.UTC))
         except Exception:
             self.stats.not_durable += 1
             raise

@@ -278,7 +278,7 @@ class Ingestor:
             "spool": {"directory": str(self.spool.directory), "bytes": self.writer.spool_bytes(),
                       "max_bytes": self.writer.spool_max,
                       "oldest_age_seconds": None if oldest is None
-                      else round((dt.datetime.now(dt.timezone.utc) - oldest).total_seconds(), 3)},
+                      else round((dt.datetime.now(dt.UTC) - oldest).total_seconds(), 3)},
             "projection": {"last_seq": self.last_projected_seq, "lag_rows": self._projection_lag(),
                            "error": self.projection_error, "runs": self.projections_run,
                            "skipped_rows": self.projection_errors},

@@ -82,12 +82,12 @@ class Spool:
     @classmethod
     def create(cls, root: Path, store: str, instance: str | None = None) -> Spool:
         """A new spool directory for this process under ``root``."""
-        instance = instance or f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        instance = instance or f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
         directory = root / instance
         try:
             directory.mkdir(parents=True)
             (directory / META).write_text(json.dumps({"store": store, "pid": os.getpid(),
-                                                      "started": utc_text(dt.datetime.now(dt.timezone.utc))}),
+                                                      "started": utc_text(dt.datetime.now(dt.UTC))}),
                                           encoding="utf-8")
             fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

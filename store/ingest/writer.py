@@ -39,7 +39,14 @@ from sqlalchemy import Engine, func, select
 from .. import log
 from ..db import StoreError, collections_postponed, probe_writable, write_transaction
 from ..notifications import (
-    NOTIFICATION, SESSION, Notification, classify_record, epoch_text, load_json, parse_message, utc_text,
+    NOTIFICATION,
+    SESSION,
+    Notification,
+    classify_record,
+    epoch_text,
+    load_json,
+    parse_message,
+    utc_text,
 )
 from ..schema import event_log
 from .spool import Entry, Spool
@@ -302,7 +309,7 @@ class DurableLog:
                 since = conn.execute(select(func.max(c.received_at)).where(c.session == session)).scalar_one()
                 marker = {"event": "lost", "source": last.source, "instance": spool.instance,
                           "cause": "the ingest process ended without closing the session (killed or crashed)",
-                          "since": utc_text(since), "detected_at": utc_text(dt.datetime.now(dt.timezone.utc))}
+                          "since": utc_text(since), "detected_at": utc_text(dt.datetime.now(dt.UTC))}
                 entry = Entry(SESSION, last.source, session, since + log.MICROSECOND, [json.dumps(marker)])
                 log.append_batches(conn, [_batch(entry)], self.context)
                 logger.warning("session %s of %s was never ended by its process: recorded as lost since %s",

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from sqlalchemy import bindparam, select
 
+from ..db import insert_rows
 from ..log import SNAPSHOT_EVENT
 from ..notifications import ERROR
 from ..schema import capability_history as history
-from ..db import insert_rows
 from .base import Projection, select_in
 from .workitems import capability_list
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
+from ..db import insert_rows
 from ..notifications import ERROR, as_text
 from ..schema import request_outcomes as outcomes
-from ..db import insert_rows
 from .base import Projection, select_in
 
 

@@ -15,7 +15,8 @@ from sqlalchemy import Connection, Engine, delete, func, select, text
 
 from .. import log
 from ..db import collections_postponed, insert_rows, write_transaction
-from ..schema import projection_checkpoints as checkpoints, projection_errors
+from ..schema import projection_checkpoints as checkpoints
+from ..schema import projection_errors
 from . import PROJECTIONS
 from .base import Projection
 
@@ -50,7 +51,7 @@ def _save_checkpoints(conn: Connection, projections: list[Projection], seq: int,
                       rows: dict[str, int] | None = None) -> None:
     """Each projection's checkpoint: ``seq``, its version and its table's row count (``rows``
     before this step, default 0, plus what the step added)."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     insert_rows(conn, checkpoints, [
         {"projection": p.name, "last_seq": seq, "version": p.version, "updated_at": now,
          "rows": (rows or {}).get(p.name, 0) + p.created}

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
+from ..db import insert_rows
 from ..log import SNAPSHOT_EVENT
 from ..notifications import ERROR, as_text
 from ..schema import workitem_transitions as transitions
-from ..db import insert_rows
 from .base import Projection, select_in
 from .workitems import ABSENT
 

@@ -12,10 +12,10 @@ import json
 
 from sqlalchemy import or_, select
 
+from ..db import insert_rows
 from ..log import MAX_JSON_BYTES, SNAPSHOT_EVENT
 from ..notifications import ERROR, MAX_KEY_BYTES, as_text, snapshot_workitems, too_long
 from ..schema import workitems
-from ..db import insert_rows
 from .base import Projection, select_in
 
 # The state of a workitem that was open in the store, held by a source, and absent from that
