@@ -827,7 +827,7 @@ def simulate_server(port, agents, password_env, rate, events, csrf, seed, ack, j
     import os
     import ssl
 
-    from .ingest.gws_simulator import GwsSimulator
+    from .gws_simulator import GwsSimulator
 
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
@@ -1139,7 +1139,7 @@ def demo(seconds, agents, rate):
     from sqlalchemy import func, select, text
 
     from .ingest.config import SessionConfig
-    from .ingest.gws_simulator import GwsSimulator
+    from .gws_simulator import GwsSimulator
     from .ingest.service import Ingestor
     from .schema import event_log
 

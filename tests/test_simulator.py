@@ -1,4 +1,4 @@
-"""The GWS simulator (store/ingest/gws_simulator.py), driven by the Bayeux client itself and by
+"""The GWS simulator (store/gws_simulator.py), driven by the Bayeux client itself and by
 raw Bayeux requests where the exact wire matters.
 
 What a GWS client meets: Basic auth (401) and CSRF (403) with GWS JSON error bodies, CometD
@@ -24,7 +24,7 @@ import pytest
 from cometd_server import DEADLINE, Recorder, eventually
 
 from store.ingest.bayeux import BayeuxClient, BayeuxError
-from store.ingest.gws_simulator import CSRF_ERROR, GwsSimulator
+from store.gws_simulator import CSRF_ERROR, GwsSimulator
 from store.simulate import CHANNEL, Simulator
 
 PASSWORD = "s3cret"

@@ -115,7 +115,7 @@ from typing import Any, Self
 
 from aiohttp import web
 
-from ..simulate import CHANNEL, Simulator
+from .simulate import CHANNEL, Simulator
 
 log = logging.getLogger(__name__)
 
