@@ -44,18 +44,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-import aiohttp
-
-from store import db
-from store import log as event_log
-from store.ingest.bayeux import BayeuxClient
-from store.ingest.spool import Entry, Spool
-from store.ingest.writer import DurableLog, notifications_of
-from store.simulate import CHANNEL, Simulator
+# (E402 below: the checkout's store package, and the tests' launcher, are importable only now)
+from store import db  # noqa: E402
+from store import log as event_log  # noqa: E402
+from store.gws_protocol import CHANNEL  # noqa: E402
+from store.ingest.bayeux import BayeuxClient  # noqa: E402
+from store.ingest.spool import Entry, Spool  # noqa: E402
+from store.ingest.writer import DurableLog, notifications_of  # noqa: E402
+from store.simulate import Simulator  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
 from cometd_server import COMETD_DIR, NodeServer  # noqa: E402 - the tests' own launcher

@@ -13,10 +13,10 @@ from sqlalchemy import Connection, select
 
 from .log import SNAPSHOT_EVENT, Event, event_from_row
 from .notifications import NOTIFICATION, SNAPSHOT, as_text
-from .projections.base import select_in
 from .projections.capabilities import CapabilityHistory
 from .projections.requests import RequestOutcomes
 from .projections.workitems import Workitems
+from .reading import select_in
 from .schema import event_log
 
 _COLUMNS = (event_log.c.seq, event_log.c.received_at, event_log.c.source, event_log.c.notification_type,
@@ -37,8 +37,8 @@ def _rows_about(conn: Connection, workitem_id: str, upto_seq: int | None = None)
     query = select(*_COLUMNS).order_by(c.seq)
     if upto_seq is not None:
         query = query.where(c.seq <= upto_seq)
-    own = conn.execute(query.where(c.workitem_id == workitem_id)).all()
-    snapshots = conn.execute(query.where(c.kind != NOTIFICATION, c.kind == SNAPSHOT)).all()
+    own = list(conn.execute(query.where(c.workitem_id == workitem_id)))
+    snapshots = list(conn.execute(query.where(c.kind != NOTIFICATION, c.kind == SNAPSHOT)))
     keys = sorted({(r.source, r.reference_id) for r in own if r.reference_id is not None})
     request_rows = list(select_in(conn, query, [c.source, c.reference_id], keys))
     request_rows.sort(key=lambda r: r.seq)
@@ -104,9 +104,10 @@ def history(conn: Connection, workitem_id: str) -> list[dict]:
             workitems.apply(event)
             capabilities.apply(event)
             if row.kind == SNAPSHOT:
-                if workitem_id not in event.reconcile:
+                reconciled = event.reconcile or {}  # (the workitems projection filled it in)
+                if workitem_id not in reconciled:
                     continue  # the snapshot neither lists nor closes this workitem
-                entry["status"] = ("snapshot: listed" if event.reconcile[workitem_id] is not None
+                entry["status"] = ("snapshot: listed" if reconciled[workitem_id] is not None
                                    else "snapshot: not listed, closed")
             after = workitems.state[workitem_id]
             open_after = capabilities.state.get(workitem_id, {})
@@ -116,8 +117,9 @@ def history(conn: Connection, workitem_id: str) -> list[dict]:
             entry["capabilities_revoked"] = sorted(open_before.difference(open_after))
             entry["user_data_changes"] = _user_data_changes(before.get("user_data"), after["user_data"])
         if event is not None and event.notification_type == "Error":
-            entry["error_code"] = as_text(event.data.get("errorCode"))
-            entry["error_message"] = as_text(event.data.get("errorMessage"))
+            data = event.data or {}
+            entry["error_code"] = as_text(data.get("errorCode"))
+            entry["error_message"] = as_text(data.get("errorMessage"))
         trail.append(entry)
     return trail
 
@@ -142,7 +144,7 @@ def state(conn: Connection, workitem_id: str, *, upto_seq: int | None = None,
         if event is not None:
             workitems.apply(event)
             capabilities.apply(event)
-            if row.kind != SNAPSHOT or workitem_id in event.reconcile:
+            if row.kind != SNAPSHOT or workitem_id in (event.reconcile or {}):
                 last_seq = row.seq
     found = workitems.state.get(workitem_id)
     if found is None:

@@ -24,30 +24,7 @@ file, then runs each step in a process of its own, so that each step's peak RSS 
 - ``raw``: the baseline (below).
 
 Rates are log rows per second (every line of the file is one row, duplicates and quarantined
-lines included).  Peak RSS is the child's ``VmHWM`` (``/proc/self/status``), not
-``getrusage().ru_maxrss``: Linux carries ru_maxrss across ``execve``, so a child would report at
-least the RSS of the process that spawned it.  Elsewhere ru_maxrss is used.  A process the child
-forks and waits for (verify's helper for half a long log, ``verify.PARALLEL_ROWS``) counts when
-larger (``RUSAGE_CHILDREN``; a forked process's RSS includes the pages it shares with its parent).
-
-Baselines: the same finished rows, inserted with no work of the store's around them.
-
-- SQLite (default): ``sqlite3.executemany`` of the rows of the appended log, read back from the
-  ``append`` store (every column as stored: seq, hashes, extracted columns), into the event_log
-  table of a fresh store, created by the store's own migrations: the exact schema, with its
-  indexes and triggers, with the store's connection settings (WAL, 64 MiB page cache), in one
-  transaction, as ``append`` commits.  The rows are read back in chunks by seq; only the inserts
-  are timed.  This is the database work ``append`` cannot avoid, so ``append / raw insert`` is
-  the share of the time left after the store's own work (reading, parsing, classifying,
-  duplicate detection, hashing, building rows in Python, counting): 1.0 would mean the store
-  costs nothing on top of its inserts.
-- PostgreSQL (``--db``): ``COPY event_log FROM STDIN`` through psycopg 3 (``cursor.copy``,
-  ``write_row``, text format) of the same rows into the event_log table of a fresh store, one
-  transaction: the fastest way a client can load finished rows into that table.  The rows are
-  first spilled from the ``append`` database to a local file in chunks (not timed), and the time
-  spent loading each chunk from it is left out of the COPY's time too: the server may go on
-  working on rows already sent meanwhile, so if anything the baseline looks a little faster
-  than it is and the ratios come out lower.
+lines included).  How each step runs and measures, and the baselines (``raw``): ``bench_steps``.
 
 On PostgreSQL the bench never touches the database of the URL beyond connecting to it: it
 creates throwaway databases next to it (``CREATE DATABASE``, the role needs CREATEDB) and drops
@@ -63,9 +40,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import pickle
-import random
-import resource
 import signal
 import sqlite3
 import statistics
@@ -73,12 +47,15 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from .db import StoreError, parse_url, safe_url
+from sqlalchemy import URL, create_engine, text
+
+from .bench_steps import RESULT_PREFIX
+from .db import parse_url
+from .errors import StoreError, driver_message, safe_url
 
 STEPS = ("append", "import", "project", "rebuild", "verify-chain", "verify", "audit", "raw")
 # What each step needs run before it (on the same store): the log of ``append``, projections.
@@ -97,10 +74,6 @@ STEP_HELP = {
     "audit": "history and state --as-of of sampled workitems",
     "raw": "baseline: the finished rows inserted raw",
 }
-CHUNK = 20_000  # rows per read of the log, and lines per write of the simulated stream
-AUDIT_CALLS = 50  # timed calls each of history and state
-AUDIT_WORKITEMS = 5  # workitems sampled for them
-SQLITE_CACHE = "PRAGMA cache_size=-65536"  # as store.db sets on every connection
 
 # The issue's goals.
 REBUILD_RATE = 50_000
@@ -112,8 +85,8 @@ AUDIT_MS = 5.0
 VERIFY_CHAIN_RATE_SQLITE = 300_000
 VERIFY_RATE_SQLITE = 50_000
 
-_RESULT = "BENCH-RESULT "  # the prefix of a child's result line on its stdout
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+_VERIFY_FAILED = "   VERIFY FAILED: run `workitem-store verify` on such a store"
 
 
 def parse_steps(value: str | None) -> tuple[str, ...]:
@@ -162,13 +135,10 @@ class _PostgresTarget:
 
     backend = "postgresql"
 
-    def __init__(self, url):
-        from sqlalchemy import create_engine, text
-
-        self.url = url if url.drivername != "postgresql" else url.set(drivername="postgresql+psycopg")
+    def __init__(self, url: URL):
+        self.url = url  # (db.parse_url: with its driver)
         self.prefix = f"wis_bench_{uuid.uuid4().hex[:10]}"
         self.created: list[str] = []
-        self._text = text
         self.admin = create_engine(self.url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 10})
         try:
             with self.admin.connect() as conn:
@@ -185,7 +155,7 @@ class _PostgresTarget:
         database = f"{self.prefix}_{name}"
         try:
             with self.admin.connect() as conn:
-                conn.execute(self._text(f'CREATE DATABASE "{database}"'))
+                conn.execute(text(f'CREATE DATABASE "{database}"'))
         except Exception as exc:  # e.g. no CREATEDB privilege
             raise StoreError(f"cannot create database {database} (the role needs CREATEDB): "
                              f"{_first_line(exc)}") from exc
@@ -196,7 +166,7 @@ class _PostgresTarget:
         database = f"{self.prefix}_{name}"
         if database in self.created:
             with self.admin.connect() as conn:
-                conn.execute(self._text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
             self.created.remove(database)
 
     def close(self) -> None:
@@ -208,281 +178,25 @@ class _PostgresTarget:
 
 
 def _first_line(exc: BaseException) -> str:
-    from .db import hide_password
-
-    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return hide_password(lines[0] if lines else type(exc).__name__)
+    return driver_message(getattr(exc, "orig", None) or exc)
 
 
 # -- running a step in a child process ----------------------------------------------------------
 
 def _child(spec: dict) -> dict:
     """Run one step in a process of its own; its result, with its peak RSS."""
-    # The package root as working directory: ``-m store.bench`` imports this very package, never
-    # a ``store`` directory that happens to be where the user runs the bench.
-    proc = subprocess.run([sys.executable, "-m", "store.bench"], input=json.dumps(spec), text=True,
+    # The package root as working directory: ``-m store.bench_steps`` imports this very package,
+    # never a ``store`` directory that happens to be where the user runs the bench.
+    proc = subprocess.run([sys.executable, "-m", "store.bench_steps"], input=json.dumps(spec), text=True,
                           capture_output=True, cwd=_PACKAGE_ROOT, check=False)
     for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(_RESULT):
-            return json.loads(line[len(_RESULT):])
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
     # One line (the CLI prints messages on one line): where it failed, and the exception.
     lines = [line.strip() for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
     where = next((line for line in reversed(lines) if line.startswith('File "')), "")
     raise StoreError(f"bench step {spec['step']} failed (exit status {proc.returncode}): "
                      f"{lines[-1] if lines else 'no output'}" + (f" ({where})" if where else ""))
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS, or that of a process it started and waited for (verify's
-    helper, forked) when larger."""
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    children_mb = children / (1 << 20) if sys.platform == "darwin" else children / 1024
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return max(int(line.split()[1]) / 1024, children_mb)
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024, children_mb)
-
-
-def _step_simulate(spec: dict) -> dict:
-    from .simulate import simulate
-
-    start = time.perf_counter()
-    chunk: list[str] = []
-    with open(spec["path"], "w", encoding="utf-8") as out:
-        for line in simulate(spec["events"], agents=50, seed=42, noise_rate=0.002):
-            chunk.append(line)
-            if len(chunk) >= CHUNK:
-                out.write("\n".join(chunk) + "\n")
-                chunk.clear()
-        if chunk:
-            out.write("\n".join(chunk) + "\n")
-    return {"seconds": time.perf_counter() - start, "rows": spec["events"],
-            "bytes": os.path.getsize(spec["path"])}
-
-
-def _step_append(spec: dict, project: bool = False) -> dict:
-    from .db import open_store
-    from .ingest.files import import_file
-    from .projections import runner
-
-    engine = open_store(spec["url"])
-    try:
-        start = time.perf_counter()
-        result = import_file(engine, Path(spec["path"]))
-        appended = time.perf_counter() - start
-        applied = runner.project(engine).applied if project else None
-        seconds = time.perf_counter() - start
-    finally:
-        engine.dispose()
-    return {"seconds": seconds, "rows": result.lines, "append_seconds": appended, "applied": applied,
-            "duplicates": result.duplicates, "quarantined": result.quarantined}
-
-
-def _step_project(spec: dict, rebuild: bool = False) -> dict:
-    from .db import open_store
-    from .projections import runner
-
-    engine = open_store(spec["url"])
-    try:
-        start = time.perf_counter()
-        result = (runner.rebuild if rebuild else runner.project)(engine)
-        seconds = time.perf_counter() - start
-    finally:
-        engine.dispose()
-    return {"seconds": seconds, "rows": result.to_seq - result.from_seq, "applied": result.applied,
-            "errors": result.errors}
-
-
-def _step_verify(spec: dict) -> dict:
-    from .db import open_reader, snapshot
-    from .verify import verify
-
-    engine = open_reader(spec["url"])
-    try:
-        start = time.perf_counter()
-        with snapshot(engine) as conn:
-            report = verify(conn)
-        seconds = time.perf_counter() - start
-    finally:
-        engine.dispose()
-    return {"seconds": seconds, "rows": report.rows, "ok": report.ok}
-
-
-def _step_verify_chain(spec: dict) -> dict:
-    from .db import collections_postponed, open_reader, snapshot
-    from .verify import VerifyReport, verify_chain
-
-    engine = open_reader(spec["url"])
-    reports, seconds = [], []
-    try:
-        for columns in (False, True):
-            reports.append(report := VerifyReport())
-            with snapshot(engine) as conn, collections_postponed():  # as verify runs it
-                start = time.perf_counter()
-                verify_chain(conn, report, columns=columns)
-                seconds.append(time.perf_counter() - start)
-    finally:
-        engine.dispose()
-    return {"seconds": seconds[0], "rows": reports[0].rows, "columns_seconds": seconds[1],
-            "ok": all(r.chain_break is None and not r.counts_mismatch and r.column_mismatch is None for r in reports)}
-
-
-def _step_audit(spec: dict) -> dict:
-    from sqlalchemy import func, select
-
-    from . import audit
-    from .db import open_reader, snapshot
-    from .schema import event_log
-
-    engine = open_reader(spec["url"])
-    try:
-        with engine.connect() as conn:
-            head = conn.execute(select(func.max(event_log.c.seq))).scalar_one() or 0
-            seqs = sorted(random.Random(42).sample(range(1, head + 1), min(head, 200)))
-            c = event_log.c
-            rows = conn.execute(select(c.workitem_id, c.received_at)
-                                .where(c.seq.in_(seqs), c.workitem_id.is_not(None), c.notification_type == "StatusChange",
-                                       c.duplicate_of.is_(None), c.quarantine_reason.is_(None))
-                                .order_by(c.seq)).all()
-        picked: dict[str, dt.datetime] = {}  # workitem id -> the instant its state is asked for
-        for workitem_id, received_at in rows:
-            picked.setdefault(workitem_id, received_at)
-            if len(picked) == AUDIT_WORKITEMS:
-                break
-        if not picked:
-            raise StoreError("no workitem in the log to ask history and state about")
-        ids = list(picked)
-
-        def timed(call) -> list[float]:
-            for workitem_id in ids:  # warm-up: connections, statement caches, pages
-                call(workitem_id)
-            times = []
-            for i in range(AUDIT_CALLS):
-                start = time.perf_counter()
-                call(ids[i % len(ids)])
-                times.append((time.perf_counter() - start) * 1000)
-            return times
-
-        trail_rows: list[int] = []
-
-        def history(workitem_id):
-            with snapshot(engine) as conn:
-                trail_rows.append(len(audit.history(conn, workitem_id)))
-
-        def state(workitem_id):
-            with snapshot(engine) as conn:
-                audit.state(conn, workitem_id, as_of=picked[workitem_id])
-
-        history_ms, state_ms = timed(history), timed(state)
-    finally:
-        engine.dispose()
-    return {"history_ms": history_ms, "state_ms": state_ms, "workitems": len(ids),
-            "trail_rows": statistics.mean(trail_rows)}
-
-
-def _step_raw_sqlite(spec: dict) -> dict:
-    from .db import open_store
-
-    open_store(spec["url"]).dispose()  # the schema, by the store's own migrations
-    target = sqlite3.connect(spec["url"].removeprefix("sqlite:///"), isolation_level=None)
-    source = sqlite3.connect(spec["source_url"].removeprefix("sqlite:///"))
-    try:
-        target.execute(SQLITE_CACHE)
-        columns = [row[1] for row in target.execute("PRAGMA table_info(event_log)")]
-        insert = f"INSERT INTO event_log ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-        read = f"SELECT {', '.join(columns)} FROM event_log WHERE seq > ? ORDER BY seq LIMIT {CHUNK}"
-        seconds, rows, last = 0.0, 0, 0
-        start = time.perf_counter()
-        target.execute("BEGIN IMMEDIATE")
-        seconds += time.perf_counter() - start
-        while chunk := source.execute(read, (last,)).fetchall():
-            start = time.perf_counter()
-            target.executemany(insert, chunk)
-            seconds += time.perf_counter() - start
-            rows, last = rows + len(chunk), chunk[-1][0]
-        start = time.perf_counter()
-        target.execute("COMMIT")
-        seconds += time.perf_counter() - start
-    finally:
-        source.close()
-        target.close()
-    return {"seconds": seconds, "rows": rows}
-
-
-def _libpq(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def _load(spilled) -> list | None:
-    try:
-        return pickle.load(spilled)
-    except EOFError:
-        return None
-
-
-def _step_raw_postgresql(spec: dict) -> dict:
-    import psycopg
-
-    from .db import open_store
-
-    open_store(spec["url"]).dispose()  # the schema, by the store's own migrations
-    spill = Path(spec["spill"])
-    with psycopg.connect(_libpq(spec["source_url"])) as source, spill.open("wb") as out:
-        cur = source.cursor()
-        columns = [c.name for c in cur.execute("SELECT * FROM event_log LIMIT 0").description]
-        read = f"SELECT {', '.join(columns)} FROM event_log WHERE seq > %s ORDER BY seq LIMIT {CHUNK}"
-        last = 0
-        while chunk := cur.execute(read, (last,)).fetchall():
-            pickle.dump(chunk, out, protocol=pickle.HIGHEST_PROTOCOL)
-            last = chunk[-1][0]
-    seconds, rows = 0.0, 0
-    try:
-        with psycopg.connect(_libpq(spec["url"])) as target, spill.open("rb") as spilled:
-            cur = target.cursor()
-            start = time.perf_counter()
-            with cur.copy(f"COPY event_log ({', '.join(columns)}) FROM STDIN") as copy:
-                seconds += time.perf_counter() - start
-                while (chunk := _load(spilled)) is not None:  # loading a chunk is not timed
-                    start = time.perf_counter()
-                    for row in chunk:
-                        copy.write_row(row)
-                    seconds += time.perf_counter() - start
-                    rows += len(chunk)
-                start = time.perf_counter()  # the end of the COPY: the server's last rows
-            target.commit()
-            seconds += time.perf_counter() - start
-    finally:
-        spill.unlink(missing_ok=True)
-    return {"seconds": seconds, "rows": rows}
-
-
-_CHILD_STEPS = {
-    "simulate": _step_simulate,
-    "append": _step_append,
-    "import": lambda spec: _step_append(spec, project=True),
-    "project": _step_project,
-    "rebuild": lambda spec: _step_project(spec, rebuild=True),
-    "verify-chain": _step_verify_chain,
-    "verify": _step_verify,
-    "audit": _step_audit,
-    "raw-sqlite": _step_raw_sqlite,
-    "raw-postgresql": _step_raw_postgresql,
-}
-
-
-def _child_main() -> int:
-    spec = json.loads(sys.stdin.read())
-    result = _CHILD_STEPS[spec["step"]](spec)
-    result["rss_mb"] = _peak_rss_mb()
-    print(_RESULT + json.dumps(result), flush=True)
-    return 0
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -579,10 +293,10 @@ def _run(events: int, tmp: Path, target, steps: tuple[str, ...]) -> Iterator[str
             results[step] = r = _child({"step": "verify-chain", "url": log_url})
             columns = {"rows": r["rows"], "seconds": r["columns_seconds"]}
             yield _step_line(step, r, f" (with columns {_rate(columns):,.0f} events/s, {r['columns_seconds']:.3f} s)"
-                                      + ("" if r["ok"] else "   VERIFY FAILED: run `workitem-store verify` on such a store"))
+                                      + ("" if r["ok"] else _VERIFY_FAILED))
         elif step == "verify":
             results[step] = r = _child({"step": "verify", "url": log_url})
-            yield _step_line(step, r, "" if r["ok"] else "   VERIFY FAILED: run `workitem-store verify` on such a store")
+            yield _step_line(step, r, "" if r["ok"] else _VERIFY_FAILED)
         elif step == "audit":
             results[step] = r = _child({"step": "audit", "url": log_url})
             for name, times in (("history", r["history_ms"]), ("state", r["state_ms"])):
@@ -637,7 +351,7 @@ def _goals(results: dict, ratios: dict, backend: str) -> Iterator[str]:
 
     def audit() -> tuple[str, bool]:
         medians = {name: statistics.median(results["audit"][f"{name}_ms"]) for name in ("history", "state")}
-        worst = max(medians, key=medians.get)
+        worst = max(medians, key=lambda name: medians[name])
         return f"{medians[worst]:.2f} ms ({worst})", medians[worst] < AUDIT_MS
 
     # (label, the engine it is about or None, measured in this run, measure).  The issue's
@@ -666,7 +380,3 @@ def _goals(results: dict, ratios: dict, backend: str) -> Iterator[str]:
             yield _goal(label, "not measured (step not run)", None)
         else:
             yield _goal(label, *measure())
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main())

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-from store.errors import StoreError, safe_url
+from .errors import StoreError, safe_url
+from .output import atomic_output
 
 SQL_MD = Path(__file__).resolve().parent.parent / "docs" / "SQL.md"
 EXAMPLES_HEADING = "## Example queries"
@@ -142,16 +143,20 @@ def canned_queries(markdown: str) -> dict[str, dict]:
     return queries
 
 
-def database_name(db_path: str | Path) -> str:
-    """The name Datasette gives the database of a SQLite file (or ``sqlite:///`` URL): its stem."""
+def store_file(db_path: str | Path) -> str:
+    """The SQLite file of ``db_path`` (a path or a ``sqlite:///`` URL); a StoreError for any other URL."""
     value = str(db_path)
     if "://" in value:
         url = make_url(value)
         if not url.drivername.startswith("sqlite") or not url.database or url.database == ":memory:":
-            raise StoreError(f"Datasette reads SQLite files; {safe_url(url)} "
-                             "is not one")
+            raise StoreError(f"Datasette reads SQLite files; {safe_url(url)} is not one")
         value = url.database
-    return Path(value).stem
+    return value
+
+
+def database_name(db_path: str | Path) -> str:
+    """The name Datasette gives the database of a SQLite file (or ``sqlite:///`` URL): its stem."""
+    return Path(store_file(db_path)).stem
 
 
 def metadata(db_path: str | Path, docs: Path = SQL_MD) -> dict:
@@ -174,21 +179,11 @@ def render(db_path: str | Path, docs: Path = SQL_MD) -> str:
 
 def write_metadata(db_path: str | Path, out_path: str | Path, docs: Path = SQL_MD) -> Path:
     """Write the metadata of ``db_path`` to ``out_path`` (replaced whole); returns ``out_path``."""
-    out = Path(out_path)
-    text = render(db_path, docs)
-    partial = out.with_name(out.name + ".partial")
-    try:
-        partial.write_text(text, encoding="utf-8")
-        partial.replace(out)
-    except OSError as exc:
-        partial.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {out}: {exc.strerror or exc}") from None
-    return out
+    with atomic_output(str(out_path)) as out:
+        out.write(render(db_path, docs))
+    return Path(out_path)
 
 
 def command_line(db_path: str | Path, metadata_path: str | Path) -> str:
     """The shell command that browses ``db_path`` with the metadata at ``metadata_path``."""
-    value = str(db_path)
-    if "://" in value:
-        value = make_url(value).database or value
-    return shlex.join(["datasette", value, "-m", str(metadata_path)])
+    return shlex.join(["datasette", store_file(db_path), "-m", str(metadata_path)])

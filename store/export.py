@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from sqlalchemy import Connection, select
 
 from .notifications import LINE_REASONS, NOTIFICATION, envelope_line, parse_line, utc_text
+from .reading import pages
 from .schema import event_log
 
 _JSON_WS = " \t\r\n"
@@ -24,14 +25,8 @@ def export_lines(conn: Connection, after_seq: int = 0, upto_seq: int | None = No
     export classifies every row as before.
     """
     c = event_log.c
-    query = (select(c.seq, c.received_at, c.source, c.payload, c.quarantine_reason, c.kind, c.session)
-             .order_by(c.seq).limit(chunk))
-    if upto_seq is not None:
-        query = query.where(c.seq <= upto_seq)
-    while True:
-        rows = conn.execute(query.where(c.seq > after_seq)).all()
-        if not rows:
-            return
+    query = select(c.seq, c.received_at, c.source, c.payload, c.quarantine_reason, c.kind, c.session)
+    for rows in pages(conn, query, after_seq, upto_seq, size=chunk):
         for _seq, received_at, source, payload, reason, kind, session in rows:
             # A message line with whitespace around it is also carried whole: embedded as a
             # message, the whitespace would not be part of the payload read back.
@@ -47,4 +42,3 @@ def export_lines(conn: Connection, after_seq: int = 0, upto_seq: int | None = No
                 yield json.dumps(entry)
             else:
                 yield envelope_line(received_at, source, payload, session)
-        after_seq = rows[-1][0]

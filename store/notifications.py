@@ -15,14 +15,14 @@ top-level keys (so re-importing an export reproduces the payload byte for byte).
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import json
-import math
 import re
 from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
+
+from .strict_json import has_long_number, load_json, object_spans, scan_string, too_deep
 
 MESSAGE_TYPE = "WorkitemStateChangeMessage"
 # What a log row is (event_log.kind): a notification, or one of the records live ingest adds so
@@ -50,41 +50,14 @@ MAX_TIME = dt.datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=dt.UTC)
 EXTRACTED = ("channel", "message_id", "message_type", "notification_type", "workitem_id", "reference_id")
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"number {text} is out of range")
-    return value
-
-
-# Strict JSON (RFC 8259): NaN, Infinity and numbers that overflow to infinity are refused, as
-# PostgreSQL's json/jsonb refuse them; accepting them would let a logged row break projecting.
-_decoder = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
 UNSTORABLE = "not JSON: a string holds \\u0000 or an unpaired surrogate (not storable)"
 UNSTORABLE_CHARS = re.compile("[\x00\ud800-\udfff]")  # NUL, or a surrogate left unpaired by a \u escape
-_scanstring = json.decoder.scanstring
-_WS = re.compile(r"[ \t\n\r]*")
-# Everything but brackets: runs of other characters, and strings (closed or not).
-_NOT_BRACKETS = re.compile(r'[^\[\]{}"]+|"[^"\\]*(?:\\.[^"\\]*)*"?')
-_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
-
-
-def too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
-    """True when arrays and objects nest deeper than ``limit`` in ``text``, found without
-    parsing it (parsers recurse: 100,000 levels would exhaust Python's stack, or PostgreSQL's)."""
-    if text.count("[") + text.count("{") <= limit:
-        return False  # the usual case: too few brackets to reach the limit
-    brackets = _NOT_BRACKETS.sub("", text)
-    return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0) > limit
 
 
 def too_long(key: str | None) -> bool:
     """True when ``key`` has more than MAX_KEY_BYTES bytes of UTF-8 (too long to index)."""
-    return key is not None and len(key) * 4 > MAX_KEY_BYTES and len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES
+    return (key is not None and len(key) * 4 > MAX_KEY_BYTES
+            and len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,43 +76,6 @@ class Notification:
     quarantine_reason: str | None
     kind: str = NOTIFICATION
     session: str | None = None  # the live session that received it (envelope "session" on import)
-
-
-def _object_spans(line: str) -> dict[str, tuple[Any, int, int]] | None:
-    """Top-level keys of a JSON object line -> (value, start, end); None if not an object.
-
-    Raises ValueError when the line is not JSON at all.
-    """
-    idx = _WS.match(line, 0).end()
-    if line[idx : idx + 1] != "{":
-        _decoder.decode(line)  # not an object: still tell JSON from garbage
-        return None
-    spans: dict[str, tuple[Any, int, int]] = {}
-    idx = _WS.match(line, idx + 1).end()
-    if line[idx : idx + 1] == "}":
-        end = idx + 1
-    else:
-        while True:
-            if line[idx : idx + 1] != '"':
-                raise ValueError("expected a key")
-            key, idx = _scanstring(line, idx + 1)
-            idx = _WS.match(line, idx).end()
-            if line[idx : idx + 1] != ":":
-                raise ValueError("expected ':'")
-            start = _WS.match(line, idx + 1).end()
-            value, idx = _decoder.raw_decode(line, start)
-            spans[key] = (value, start, idx)
-            idx = _WS.match(line, idx).end()
-            sep = line[idx : idx + 1]
-            idx = _WS.match(line, idx + 1).end()
-            if sep == "}":
-                end = idx
-                break
-            if sep != ",":
-                raise ValueError("expected ',' or '}'")
-    if _WS.match(line, end).end() != len(line):
-        raise ValueError("extra data after the object")
-    return spans
 
 
 def as_text(value: Any) -> str | None:
@@ -184,28 +120,6 @@ def _storable(value: Any) -> bool:
     return True
 
 
-# orjson reads integers of more than 64 bits as floats (silently rounding ids): any run of 19
-# digits sends a text to the standard library's exact decoder instead.  (Found by mapping every
-# digit to "0" on the UTF-8 bytes: 8x faster than a regular expression.)
-_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
-_NINETEEN_DIGITS = b"0" * 19
-
-
-def _has_long_number(text: str) -> bool:
-    return _NINETEEN_DIGITS in text.encode("utf-8", "surrogatepass").translate(_DIGITS_TO_ZERO)
-
-
-def load_json(text: str) -> Any:
-    """Decode JSON strictly (no NaN, no Infinity, no number out of double range): orjson, 3x
-    faster, where it is exact; else the standard library's decoder (integers of any length)."""
-    if not _has_long_number(text):
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError:
-            pass
-    return _decoder.decode(text)
-
-
 def parse_line(line: str) -> Notification:
     """Classify one input line (without its line terminator)."""
     return _parse(line, envelopes=True)
@@ -223,7 +137,7 @@ def _parse(line: str, envelopes: bool) -> Notification:
     # An envelope's message is one level deeper in its line than on its own.
     if too_deep(line, MAX_DEPTH + envelopes):
         return unreadable(line, TOO_DEEP)
-    if _has_long_number(line):
+    if has_long_number(line):
         return _parse_line_exactly(line, envelopes)
     if envelopes and (exported := _exported_envelope(line)) is not None:
         return exported
@@ -257,13 +171,13 @@ def _exported_envelope(line: str) -> Notification | None:
     if not line.startswith('{"received_at": "'):
         return None
     try:
-        received_at, at = _scanstring(line, 17)
+        received_at, at = scan_string(line, 17)
         if not line.startswith(', "source": "', at):
             return None
-        source, at = _scanstring(line, at + 13)
+        source, at = scan_string(line, at + 13)
         envelope = {"received_at": received_at, "source": source}
         if line.startswith(', "session": "', at):
-            envelope["session"], at = _scanstring(line, at + 14)
+            envelope["session"], at = scan_string(line, at + 14)
     except ValueError:  # a broken string
         return None
     line_end = line.rstrip(" \t\r\n")  # (the line itself, unless whitespace ends it)
@@ -300,7 +214,7 @@ def _last_value_text(line: str, key: str, value: Any) -> str | None:
 def _parse_line_exactly(line: str, envelopes: bool) -> Notification:
     """The general path: scan the top-level object with the standard library's decoder."""
     try:
-        spans = _object_spans(line)
+        spans = object_spans(line)
     except ValueError as exc:
         return unreadable(line, f"not JSON: {exc}")
     if spans is None:
@@ -368,11 +282,12 @@ def classify_record(kind: str, payload: str, session: str | None = None) -> Noti
     """A session marker or a snapshot (``kind``), from its payload text; quarantined when the
     payload is not what that kind must be (a snapshot row then heals nothing)."""
     try:
-        if too_deep(payload):
+        if too_deep(payload, MAX_DEPTH):
             raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
         value = load_json(payload)
     except ValueError as exc:
         return replace(unreadable(payload, f"{kind} is not JSON: {exc}"), kind=kind, session=session)
+    reason: str | None
     if not _storable(value):
         reason = UNSTORABLE
     elif kind == SESSION:
@@ -416,7 +331,7 @@ def classify(payload: str, message: Any, received_at=None, source=None, session=
     """Apply the quarantine rules to a parsed message (see docs/RULES.md)."""
     if not isinstance(message, dict):
         return replace(unreadable(payload, "message is not a JSON object", received_at, source), session=session)
-    if not depth_checked and too_deep(payload):
+    if not depth_checked and too_deep(payload, MAX_DEPTH):
         return replace(unreadable(payload, TOO_DEEP, received_at, source), session=session)
     channel = as_text(message.get("channel"))
     message_id = as_text(message.get("id"))
@@ -424,8 +339,8 @@ def classify(payload: str, message: Any, received_at=None, source=None, session=
     if too_long(message_id):
         return _too_long(payload, "id", received_at, source, session)
     if not isinstance(data, dict):
-        reason = "data is missing" if data is None else "data is not an object"
-        return Notification(payload, received_at, source, channel, message_id, None, None, None, None, reason,
+        missing = "data is missing" if data is None else "data is not an object"
+        return Notification(payload, received_at, source, channel, message_id, None, None, None, None, missing,
                             NOTIFICATION, session)
     message_type = as_text(data.get("messageType"))
     notification_type = as_text(data.get("notificationType"))
@@ -435,6 +350,7 @@ def classify(payload: str, message: Any, received_at=None, source=None, session=
     for name, key in (("workitem.id", workitem_id), ("referenceId", reference_id)):
         if too_long(key):
             return _too_long(payload, name, received_at, source, session)
+    reason: str | None
     if message_type != MESSAGE_TYPE:
         reason = f"messageType is {message_type!r}, not {MESSAGE_TYPE!r}"
     elif notification_type not in NOTIFICATION_TYPES:

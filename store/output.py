@@ -8,6 +8,7 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -65,7 +66,7 @@ def _default_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str, force: bool = False, store: list[Path] = ()):
+def atomic_output(path: str, force: bool = False, store: Sequence[Path] = ()):
     """A text file to write to ``path`` ("-": standard output), checked with check_output.
 
     A regular file is written to a temporary file in the same directory, fsync'd, and renamed

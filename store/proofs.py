@@ -70,8 +70,9 @@ def dumps(proof: dict) -> str:
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_TYPES = {"seq": int, "received_at": str, "source": str, "payload_sha256": str, "duplicate_of": (int, type(None)),
-          "quarantine_reason": (str, type(None)), "kind": str, "session": (str, type(None)), "chain_hash": str}
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "seq": int, "received_at": str, "source": str, "payload_sha256": str, "duplicate_of": (int, type(None)),
+    "quarantine_reason": (str, type(None)), "kind": str, "session": (str, type(None)), "chain_hash": str}
 
 
 def _malformed(link: dict) -> str | None:

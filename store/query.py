@@ -13,7 +13,18 @@ import time
 
 from sqlalchemy import Connection, Engine, bindparam, text
 
-from .db import StoreError, parse_url, run_sql, translate_errors, write_transaction
+from .db import StoreError, ensure_schema, parse_url, run_sql, translate_errors, write_transaction
+from .schema import (
+    PROJECTION_TABLES,
+    VIEWS,
+    event_log,
+    event_log_counts,
+    imported_files,
+    projection_checkpoints,
+    projection_errors,
+    seals,
+    store_identity,
+)
 
 
 def url_as(db: str | None, role: str, password: str | None = None) -> str:
@@ -52,7 +63,9 @@ def run_query(conn: Connection, sql: str, *, timeout: float) -> tuple[list[str],
             if getattr(exc.__cause__, "sqlstate", None) == "57014" and "statement timeout" in str(exc):
                 raise StoreError(f"query cancelled after {timeout:g} s (--timeout)") from exc
             raise
-    with _SqliteFence(conn.connection.driver_connection, timeout) as fence:
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, sqlite3.Connection)  # (the store's SQLite engines use the stdlib driver)
+    with _SqliteFence(raw, timeout) as fence:
         try:
             return run_sql(conn, sql)
         except StoreError as exc:
@@ -215,7 +228,8 @@ class ReadonlyGrant:
 
 def grant_readonly(engine: Engine, role: str, *, password: str | None = None, login: bool = False,
                    with_log: bool = False, keep_connect: tuple[str, ...] = ()) -> ReadonlyGrant:
-    """PostgreSQL: make ``role`` exist and able to SELECT the projections and views, nothing else.
+    """PostgreSQL: make ``role`` exist and able to SELECT the projections and views, nothing else
+    (the schema created first in an empty database; StoreError on SQLite, which has no roles).
 
     The relations granted include projection_checkpoints and alembic_version (every command's
     schema check reads the latter; `status` and `verify` also need ``with_log``: event_log,
@@ -229,18 +243,9 @@ def grant_readonly(engine: Engine, role: str, *, password: str | None = None, lo
     not take, the result says so.  The password is never printed; a server that logs
     statements logs it, as for any ALTER ROLE.
     """
-    from .schema import (
-        PROJECTION_TABLES,
-        VIEWS,
-        event_log,
-        event_log_counts,
-        imported_files,
-        projection_checkpoints,
-        projection_errors,
-        seals,
-        store_identity,
-    )
-
+    if engine.dialect.name != "postgresql":  # before anything is created at a SQLite path
+        raise StoreError("grant-readonly is for PostgreSQL; SQLite query commands open the file read-only")
+    ensure_schema(engine)
     relations = [t.name for t in (*PROJECTION_TABLES, *VIEWS, projection_checkpoints)] + ["alembic_version"]
     if with_log:
         # projection_errors: the log rows a projection skipped, with why (`status` reads it).
@@ -270,9 +275,9 @@ def grant_readonly(engine: Engine, role: str, *, password: str | None = None, lo
         conn.execute(text(f"GRANT SELECT ON {', '.join(map(quote, relations))} TO {who}"))
 
         def reachable() -> list[str]:  # the other databases the role can connect to
-            return conn.execute(text(
+            return list(conn.execute(text(
                 "SELECT datname FROM pg_database WHERE datallowconn AND datname <> current_database() "
-                "AND has_database_privilege(:r, oid, 'CONNECT') ORDER BY datname"), {"r": role}).scalars().all()
+                "AND has_database_privilege(:r, oid, 'CONNECT') ORDER BY datname"), {"r": role}).scalars())
 
         before = reachable()
         kept = [d for d in before if any(fnmatch.fnmatchcase(d, p) for p in keep_connect)]

@@ -318,4 +318,15 @@ ingest_gaps = Table(
     Column("lost_seq", BigInteger), Column("resumed_session", Text), Column("resumed_seq", BigInteger),
 )
 
-VIEWS = (workitem_state_durations, request_outcome_summary, capability_timeline, notifications, ingest_gaps)
+workitem_summary = Table(
+    "workitem_summary", views_metadata,
+    Column("workitem_id", Text), Column("final_state", Text), Column("source", Text),
+    Column("first_seen_at", UTCDateTime), Column("invited_at", UTCDateTime),
+    Column("accepted_at", UTCDateTime), Column("completed_at", UTCDateTime), Column("last_seen_at", UTCDateTime),
+    Column("rejected", Boolean), Column("rejections", Integer), Column("transfers", Integer),
+    Column("revocations", Integer), Column("time_to_accept_seconds", Float), Column("handling_seconds", Float),
+    Column("notification_count", Integer), Column("error_count", Integer),
+)
+
+VIEWS = (workitem_state_durations, request_outcome_summary, capability_timeline, notifications, ingest_gaps,
+         workitem_summary)

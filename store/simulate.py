@@ -21,9 +21,9 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from .gws_protocol import CHANNEL, WORKITEMS_PATH
 from .notifications import envelope_line
 
-CHANNEL = "/v2/me/workitems"
 INVITED_CAPS = ["Accept", "Reject"]
 PROCESSING_CAPS = ["Transfer", "AttachUserData", "UpdateUserData", "DeleteUserData", "SetInFocus", "Complete"]
 ERRORS = [
@@ -44,12 +44,15 @@ class _Agent:
     sent: list[str] = field(default_factory=list)  # recent payloads, for redelivery
 
 
+Step = tuple[str, dict, str | None]  # (notificationType, workitem fields, operation)
+
+
 @dataclass
 class _Workitem:
     id: str
     type: str
     agent: int
-    steps: Iterator[tuple[str, dict | None, str | None]] | None = None
+    steps: Iterator[Step] = field(default_factory=lambda: iter(()))
 
 
 class Simulator:
@@ -114,8 +117,10 @@ class Simulator:
 
     def _noise(self) -> str:
         return self.rng.choice([
-            '{"channel": "/v2/me/calls", "data": {"messageType": "CallStateChangeMessage", "notificationType": "StatusChange", "call": {"id": "c1"}}}',
-            '{"data": {"messageType": "WorkitemStateChangeMessage", "notificationType": "StatusChange", "workitem": {"state": "Processing"}}}',
+            '{"channel": "/v2/me/calls", "data": {"messageType": "CallStateChangeMessage", '
+            '"notificationType": "StatusChange", "call": {"id": "c1"}}}',
+            '{"data": {"messageType": "WorkitemStateChangeMessage", "notificationType": "StatusChange", '
+            '"workitem": {"state": "Processing"}}}',
             '{"data": {"messageType": "WorkitemStateChangeMessage", "notificationType": "Err',
         ])
 
@@ -144,7 +149,7 @@ class Simulator:
                 data["referenceId"] = agent.next_reference
                 agent.next_reference += 1
             resource = {"id": w.id, "workitemType": w.type,
-                        "uri": f"http://gws.example:8090/api/v2/workitems/{w.id}", **fields}
+                        "uri": f"http://gws.example:8090{WORKITEMS_PATH}/{w.id}", **fields}
             if operation is not None and rng.random() < self.error_rate:
                 code, text = rng.choice(ERRORS)
                 data = {**data, "notificationType": "Error", "errorCode": code,

@@ -7,7 +7,7 @@ from collections import Counter
 from sqlalchemy import Connection, func, select
 
 from . import log
-from .notifications import KINDS
+from .notifications import KINDS, utc_text
 from .projections import PROJECTIONS
 from .schema import imported_files, projection_checkpoints, projection_errors, seals
 
@@ -31,7 +31,7 @@ def status(conn: Connection) -> dict:
         checkpoints.append({
             "projection": cls.name, "last_seq": last_seq, "lag": head_seq - last_seq,
             "version": r.version if r else None, "code_version": cls.version,
-            "updated_at": r.updated_at.isoformat() if r else None,
+            "updated_at": utc_text(r.updated_at) if r else None,
         })
     # The projections' row counts are kept in their checkpoints; the other two tables are small.
     tables = {"event_log": sum(kinds.values()),

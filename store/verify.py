@@ -1,4 +1,9 @@
-"""Checking what an auditor relies on: the hash chain, and projections equal to a fresh rebuild."""
+"""Checking what an auditor relies on: the seals, the hash chain, the extracted columns, the
+kept counts, and projections equal to a fresh rebuild (``verify_projections``).
+
+No message holds the text 'None': a NULL is shown as NULL; values found in rows are returned
+as they are (None for NULL) for the CLI to word.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +12,25 @@ import datetime as dt
 import functools
 import hashlib
 import itertools
-import json
 import operator
-import tempfile
 from collections import Counter
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 
-from sqlalchemy import JSON, Connection, String, Table, func, select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection, func, select
 
-from . import seals
-from .db import collections_postponed, open_store, write_transaction
+from . import seal_check
+from .bulk import collections_postponed
 from .log import GENESIS_HASH, chain_hash, counts, head, payload_sha256
 from .notifications import EXTRACTED, NOTIFICATION, reclassify, utc_text
-from .projections import PROJECTIONS, runner
-from .schema import event_log, imported_files, projection_checkpoints
+from .projections import PROJECTIONS
+from .reading import pages
+from .schema import UTCDateTime, event_log, imported_files, projection_checkpoints
+from .seal_check import SealReport
+from .seals import Seal
+from .verify_projections import compare_projections
+
+_AT_TYPE = UTCDateTime()  # how the store reads received_at
 
 
 @dataclass
@@ -44,7 +50,8 @@ class VerifyReport:
     # The first row whose extracted columns (channel ... reference_id, not covered by the chain)
     # disagree with its payload: what = the column.
     column_mismatch: ChainBreak | None = None
-    # table -> {"missing": rows a rebuild has that the table lacks, "unexpected": the reverse}
+    # table -> {"missing": rows a rebuild has that the table lacks, "unexpected": the reverse,
+    # "pairs": [{"key", "store": its row, "log": a rebuild's row}], ...}: see verify_projections
     differences: dict[str, dict] = field(default_factory=dict)
     # The projections' checkpoints when they are not at the log's head: {projection: last_seq}
     # (a store whose projections lag its log does not show what the log holds).
@@ -59,10 +66,10 @@ class VerifyReport:
     # [{"table": "imported_files" | "projection_checkpoints" | "event_log_counts", "seq": the
     # last seq it records}]; seals past the head are reported by ``seals``.
     truncated: list[dict] = field(default_factory=list)
-    seals: seals.SealReport | None = None
+    seals: SealReport | None = None
     # --since-last-seal: the chain was checked from this seal (None: from seq 1) and the
     # projections were not compared.
-    since_seal: seals.Seal | None = None
+    since_seal: Seal | None = None
     projections_compared: bool = True
 
     @property
@@ -100,15 +107,10 @@ def _verify_links(conn: Connection, report: VerifyReport, chunk: int, counted: C
     """The chain from report.head_seq + 1 (after report.head_hash) to the log's last row,
     advancing report.rows, head_seq and head_hash; the first broken link -> report.chain_break.
     Adds the rows read to ``counted`` (unless None)."""
-    placeholder = _placeholder(conn)
-    sql = (f"SELECT {', '.join(_LINK_COLUMNS)} FROM event_log WHERE seq >= {placeholder} "
-           f"ORDER BY seq LIMIT {placeholder}")
-    while True:
+    query = select(*(event_log.c[name] for name in _LINK_COLUMNS))
+    for rows in pages(conn, query, report.head_seq, size=chunk, raw=True):
         prev, expected = report.head_hash, report.head_seq + 1
-        rows = _raw_rows(conn, sql, (expected, chunk))
-        if not rows:
-            return
-        columns_of_rows = tuple(zip(*rows))
+        columns_of_rows = tuple(zip(*rows, strict=True))
         if counted is not None:
             _count(counted, columns_of_rows)
         times = _plain_times(columns_of_rows, conn.dialect)
@@ -132,24 +134,6 @@ _DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _SQLITE_TIME_SHAPE = b"0000-00-00 00:00:00.000000"
 
 
-def _placeholder(conn: Connection) -> str:
-    return "?" if conn.dialect.name == "sqlite" else "%s"
-
-
-def _raw_rows(conn: Connection, sql: str, params: tuple) -> list[tuple]:
-    """Every row of ``sql`` from the driver's cursor, in the connection's transaction; a driver
-    error is raised as SQLAlchemy raises it (DBAPIError, which the CLI reports)."""
-    error = conn.dialect.loaded_dbapi.Error
-    cursor = conn.connection.cursor()
-    try:
-        cursor.execute(sql, params)
-        return cursor.fetchall()
-    except error as exc:
-        raise DBAPIError.instance(sql, params, exc, error) from exc
-    finally:
-        cursor.close()
-
-
 def _count(counted: Counter, columns: tuple) -> None:
     """Add a chunk's rows to ``counted`` by (kind, quarantine_reason, duplicate)."""
     _, _, _, _, _, _, duplicates_of, reasons, kinds, _ = columns
@@ -159,7 +143,7 @@ def _count(counted: Counter, columns: tuple) -> None:
         counted.update({k: n for k, n in (((NOTIFICATION, None, False), first_copies),
                                           ((NOTIFICATION, None, True), rows - first_copies)) if n})
     else:
-        counted.update(zip(kinds, reasons, map(operator.is_not, duplicates_of, itertools.repeat(None))))
+        counted.update(zip(kinds, reasons, map(operator.is_not, duplicates_of, itertools.repeat(None)), strict=False))
 
 
 @functools.lru_cache(maxsize=4)
@@ -178,8 +162,7 @@ def _plain_times(columns: tuple, dialect) -> list[str] | None:
         "".join(sources), "".join(kinds)
         "".join(map(_OR_EMPTY, reasons, reasons)), "".join(map(_OR_EMPTY, sessions, sessions))
         if dialect.name != "sqlite":  # PostgreSQL: timestamptz, read as datetimes
-            at_type = event_log.c.received_at.type
-            return [utc_text(at_type.process_result_value(at, dialect)) for at in received_at]
+            return [utc_text(_AT_TYPE.process_result_value(at, dialect)) for at in received_at]
         joined = "\n".join(received_at)
         # Each text 'DDDD-DD-DD DD:DD:DD.DDDDDD' with D a digit, and a valid date and time (the
         # shape alone would let '2023-02-30' through, which reading it as a datetime refuses).
@@ -221,13 +204,14 @@ def _links_fast(columns: tuple, times: list[str], prev: str, expected: int, repo
     # The rows before the first whose payload does not hash to its payload_sha256 can be linked
     # with the stored digests: they equal the recomputed ones.
     bad = good if digests == digests_found[:good] else \
-        next(i for i, (digest, found) in enumerate(zip(digests, digests_found)) if digest != found)
+        next(i for i, (digest, found) in enumerate(zip(digests, digests_found, strict=False)) if digest != found)
     # The text RULES.md section 8 hashes, as log.chain_hash joins it (str() and format() agree
     # on every value a driver returns), after the previous row's stored link.
     previous = itertools.chain((prev,), links_found)
-    texts = [f"{before}\n{seq}\n{at}\n{source}\n{digest}\n{'' if duplicate_of is None else duplicate_of}\n{reason or ''}"
-             for before, seq, at, source, digest, duplicate_of, reason
-             in zip(previous, seqs[:bad], times, sources, digests_found, duplicates_of, reasons)]
+    texts = [f"{before}\n{seq}\n{at}\n{source}\n{digest}\n"
+             f"{'' if duplicate_of is None else duplicate_of}\n{reason or ''}"
+             for before, seq, at, source, digest, duplicate_of, reason  # (zip stops at the shortest: seqs[:bad])
+             in zip(previous, seqs[:bad], times, sources, digests_found, duplicates_of, reasons, strict=False)]
     if kinds.count(NOTIFICATION) != n or sessions.count(None) != n:
         texts = list(map(operator.add, texts, map(_record_fields, kinds, sessions)))
     try:
@@ -235,7 +219,7 @@ def _links_fast(columns: tuple, times: list[str], prev: str, expected: int, repo
     except ValueError:  # an unpaired surrogate, which no driver returns
         return None
     if links != links_found[:bad]:
-        i = next(i for i, (link, found) in enumerate(zip(links, links_found)) if link != found)
+        i = next(i for i, (link, found) in enumerate(zip(links, links_found, strict=False)) if link != found)
         report.chain_break = ChainBreak(seqs[i], "chain_hash", links[i], links_found[i])
         return i
     if bad < good:
@@ -248,8 +232,7 @@ def _links_fast(columns: tuple, times: list[str], prev: str, expected: int, repo
 def _links_exact(rows: list[tuple], prev: str, expected: int, report: VerifyReport, dialect) -> int:
     """``_links_fast`` row by row, on the values as the column types read them (every
     received_at of the chunk first, as SQLAlchemy reads a result): the reference."""
-    at_type = event_log.c.received_at.type
-    times = [at_type.process_result_value(row[1], dialect) for row in rows]
+    times = [_AT_TYPE.process_result_value(row[1], dialect) for row in rows]
     for i, ((seq, _, source, payload, digest_found, link_found, duplicate_of, reason, kind, session), at) in \
             enumerate(zip(rows, times, strict=True)):
         if seq != expected + i:
@@ -271,15 +254,10 @@ def verify_columns(conn: Connection, report: VerifyReport, after: int, upto: int
     row with ``after`` < seq <= ``upto`` against what ``notifications.reclassify`` derives from
     the row's payload, and quarantine_reason never empty text: the first row that disagrees ->
     report.column_mismatch."""
-    placeholder = _placeholder(conn)
-    # One bound and a LIMIT (as verify_chain reads): PostgreSQL's generic plan for a range
-    # "seq > $1 AND seq <= $2" sorted every remaining row of the range for each chunk.
-    sql = (f"SELECT seq, payload, quarantine_reason, kind, {', '.join(EXTRACTED)} FROM event_log "
-           f"WHERE seq > {placeholder} ORDER BY seq LIMIT {placeholder}")
+    c = event_log.c
+    query = select(c.seq, c.payload, c.quarantine_reason, c.kind, *(c[name] for name in EXTRACTED))
     extracted = operator.attrgetter(*EXTRACTED)
-    last = after
-    while report.column_mismatch is None and last < upto and \
-            (rows := [row for row in _raw_rows(conn, sql, (last, min(chunk, upto - last))) if row[0] <= upto]):
+    for rows in pages(conn, query, after, upto, chunk, raw=True):
         for row in rows:
             if row[2] == "":  # the chain hashes NULL and "" alike; the store never writes ""
                 report.column_mismatch = ChainBreak(row[0], "quarantine_reason", "NULL or a reason", "''")
@@ -291,9 +269,13 @@ def verify_columns(conn: Connection, report: VerifyReport, after: int, upto: int
                 return
             if derived != row[4:]:
                 name, want, found = next(c for c in zip(EXTRACTED, derived, row[4:], strict=True) if c[1] != c[2])
-                report.column_mismatch = ChainBreak(row[0], name, str(want), str(found))
+                report.column_mismatch = ChainBreak(row[0], name, _shown(want), _shown(found))
                 return
-        last = rows[-1][0]
+
+
+def _shown(value) -> str:
+    """A column's value in a message: NULL for None."""
+    return "NULL" if value is None else str(value)
 
 
 def _check_counts(conn: Connection, report: VerifyReport, counted: Counter) -> None:
@@ -308,140 +290,11 @@ def _check_counts(conn: Connection, report: VerifyReport, counted: Counter) -> N
     ]
 
 
-def _json_text(value) -> str:
-    """A JSON value as text that compares by meaning: keys sorted, numbers by value.
-
-    PostgreSQL's jsonb keeps a number's value, not its spelling: 1e300 written from Python comes
-    back as a 301-digit integer, equal in value to the 1e300 a rebuild computes.
-    """
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{json.dumps(k)}:{_json_text(value[k])}" for k in sorted(value)) + "}"
-    if isinstance(value, list):
-        return "[" + ",".join(map(_json_text, value)) + "]"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
-        return str(number.normalize()) if number else "0"
-    return json.dumps(value)
-
-
-def _canonical(row: Mapping, columns: list[str], json_columns: set[str]) -> tuple:
-    return tuple(_json_text(row[c]) if c in json_columns and row[c] is not None else row[c] for c in columns)
-
-
 def _checkpoints(conn: Connection) -> dict[str, tuple[int, int]]:
     """Each projection's checkpoint and kept row count ((0, 0) when it has none)."""
     c = projection_checkpoints.c
     stored = {name: (seq, rows) for name, seq, rows in conn.execute(select(c.projection, c.last_seq, c.rows))}
     return {cls.name: stored.get(cls.name, (0, 0)) for cls in PROJECTIONS}
-
-
-def compare_projections(conn: Connection, report: VerifyReport, checkpoints: dict[str, tuple[int, int]],
-                        examples: int = 3) -> None:
-    """Compare every projection table with the rows a rebuild from the log gives at its
-    checkpoint.
-
-    The rebuild runs into a scratch SQLite store in a temporary directory ($TMPDIR; it needs
-    about the space of the projection tables), step by step as ``rebuild`` does, so memory does
-    not grow with the log; then each table and its rebuilt twin are read in primary-key order
-    and compared as two sorted streams.  A SQLite store's rows are compared as stored (the
-    driver's values), and only rows that differ so are compared again as their canonical form.
-    """
-    raw = conn.dialect.name == "sqlite"  # both sides SQLite: the stored values compare as they are
-    with tempfile.TemporaryDirectory(prefix="workitem-store-verify-") as tmp:
-        scratch = open_store(f"sqlite:///{Path(tmp) / 'rebuilt.db'}")
-        try:
-            reached = 0
-            for upto in sorted({seq for seq, _ in checkpoints.values()}):
-                with write_transaction(scratch) as rebuilt:
-                    runner.replay(rebuilt, reached, upto, source=conn)
-                reached = upto
-                with scratch.connect() as rebuilt:
-                    for cls in PROJECTIONS:
-                        seq, recorded = checkpoints[cls.name]
-                        if seq == upto:
-                            found = _compare_table(cls.table, _sorted_rows(rebuilt, cls.table, raw),
-                                                   _sorted_rows(conn, cls.table, raw), upto, report, examples,
-                                                   _raw_canonical(cls.table, scratch.dialect) if raw else None)
-                            if found != recorded:
-                                report.counts_mismatch.append({"table": "projection_checkpoints", "projection": cls.name,
-                                                               "counted": found, "recorded": recorded})
-        finally:
-            scratch.dispose()
-
-
-def _sorted_rows(conn: Connection, table: Table, raw: bool = False) -> Iterator[tuple[tuple, tuple]]:
-    """(primary key, canonical row) of every row, in primary-key order as Python orders the
-    keys (text by code point: SQLite's BINARY, PostgreSQL's "C" collation), streamed.  ``raw``
-    (SQLite): the row as the driver reads it, not its canonical form (``_raw_canonical``)."""
-    columns = [col.name for col in table.columns]
-    if raw:
-        key_at = [columns.index(col.name) for col in table.primary_key.columns]
-        quote = conn.dialect.identifier_preparer.quote
-        cursor = conn.connection.cursor()
-        cursor.execute(f"SELECT {', '.join(map(quote, columns))} FROM {quote(table.name)} "
-                       f"ORDER BY {', '.join(quote(columns[i]) for i in key_at)}")
-        key_of = operator.itemgetter(*key_at)  # (a value, not a 1-tuple, for a one-column key: as on the other side)
-        while rows := cursor.fetchmany(5000):
-            yield from zip(map(key_of, rows), rows)
-        return
-    json_columns = {col.name for col in table.columns if isinstance(col.type, JSON)}
-    key = [col.name for col in table.primary_key.columns]
-    order = [col.collate("C") if conn.dialect.name == "postgresql" and isinstance(col.type, String) else col
-             for col in table.primary_key.columns]
-    for row in conn.execution_options(yield_per=5000).execute(select(table).order_by(*order)):
-        mapping = row._mapping
-        yield tuple(mapping[k] for k in key), _canonical(mapping, columns, json_columns)
-
-
-def _raw_canonical(table: Table, dialect):
-    """A function from a row of ``table`` as the SQLite driver reads it to its canonical form
-    (what ``_sorted_rows`` yields without ``raw``)."""
-    columns = [col.name for col in table.columns]
-    json_columns = {col.name for col in table.columns if isinstance(col.type, JSON)}
-    processors = [col.type.dialect_impl(dialect).result_processor(dialect, None) for col in table.columns]
-
-    def canonical(row: tuple) -> tuple:
-        values = {name: value if p is None or value is None else p(value)
-                  for name, value, p in zip(columns, row, processors, strict=True)}
-        return _canonical(values, columns, json_columns)
-    return canonical
-
-
-def _compare_table(table: Table, expected: Iterator, found: Iterator, checkpoint: int, report: VerifyReport,
-                   examples: int, canonical=None) -> int:
-    """Merge two key-ordered streams of (key, row); a key in both with different rows counts as
-    one row missing and one unexpected.  Returns how many rows ``found`` had.  ``canonical``:
-    the streams hold stored rows; two that differ are compared again as canonical rows (and
-    examples are shown in that form)."""
-    columns = [col.name for col in table.columns]
-    diff = {"checkpoint": checkpoint, "missing": 0, "unexpected": 0, "missing_examples": [],
-            "unexpected_examples": []}
-    canonical = canonical or (lambda row: row)
-
-    def note(kind: str, row: tuple) -> None:
-        diff[kind] += 1
-        if len(diff[f"{kind}_examples"]) < examples:
-            diff[f"{kind}_examples"].append(dict(zip(columns, map(str, canonical(row)), strict=True)))
-
-    count = 0
-    e, f = next(expected, None), next(found, None)
-    while e is not None or f is not None:
-        if f is None or (e is not None and e[0] < f[0]):
-            note("missing", e[1])
-            e = next(expected, None)
-            continue
-        count += 1
-        if e is None or f[0] < e[0]:
-            note("unexpected", f[1])
-            f = next(found, None)
-        else:
-            if e[1] != f[1] and canonical(e[1]) != canonical(f[1]):
-                note("missing", e[1])
-                note("unexpected", f[1])
-            e, f = next(expected, None), next(found, None)
-    if diff["missing"] or diff["unexpected"]:
-        report.differences[table.name] = diff
-    return count
 
 
 def check_lag(conn: Connection, report: VerifyReport, checkpoints: dict[str, tuple[int, int]]) -> None:
@@ -470,7 +323,7 @@ def verify(conn: Connection, witness: str | Path | None = None, public_key=None,
     (from seq 1, or with ``since_last_seal`` from the newest seal that holds), the kept counts
     and, unless ``since_last_seal``, every projection against a rebuild."""
     report = VerifyReport()
-    report.seals = seals.check(conn, witness, public_key)
+    report.seals = seal_check.check(conn, witness, public_key)
     checkpoints = _checkpoints(conn)
     check_lag(conn, report, checkpoints)
     check_truncation(conn, report)
@@ -481,5 +334,7 @@ def verify(conn: Connection, witness: str | Path | None = None, public_key=None,
                      after_hash=start.chain_hash if start else GENESIS_HASH)
     report.projections_compared = not since_last_seal
     if not since_last_seal:
-        compare_projections(conn, report, checkpoints)  # (replayed in steps, each postponing the collector)
+        # (replayed in steps, each postponing the collector)
+        report.differences, mismatched = compare_projections(conn, checkpoints)
+        report.counts_mismatch += mismatched
     return report

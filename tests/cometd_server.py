@@ -23,10 +23,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from store.gws_protocol import CHANNEL
 from store.ingest.bayeux import BayeuxClient
 
 COMETD_DIR = Path(__file__).parent / "cometd"
-CHANNEL = "/v2/me/workitems"
+
 DEADLINE = 15.0  # seconds any single wait may take before the test fails
 
 

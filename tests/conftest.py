@@ -1,18 +1,20 @@
 """Fixtures: every store test runs on a real SQLite file and on the real PostgreSQL server.
 
 PostgreSQL tests skip when the server is unreachable, except under CI (``CI`` set), where they
-fail: CI must run them.  Each PostgreSQL test gets a database of its own, dropped afterwards.
+fail: CI must run them.  Each PostgreSQL test gets a database of its own (helpers.new_database,
+the one way the tests make one), dropped afterwards.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 
 import pytest
 from cometd_server import cometd, node_modules  # noqa: F401  (fixtures: the Node CometD server)
+from helpers import PG_URL, new_database
+from http_proxy import http_proxy  # noqa: F401  (fixture: an HTTP proxy of the test's own)
+from pg_instance import private_postgres  # noqa: F401  (fixture: a PostgreSQL server of the test's own)
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from store.db import open_store
 
@@ -35,16 +37,11 @@ def fuzz_scale() -> int:
     return 50 if os.environ.get(FUZZ_ENV) else 1
 
 
-PG_URL = os.environ.get("WORKITEM_STORE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-def _admin_engine():
-    return create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-
-
 @pytest.fixture(scope="session")
 def pg_admin():
-    engine = _admin_engine()
+    """An AUTOCOMMIT engine on the shared server's maintenance database (``PG_URL``); skips the
+    test (fails it under CI) when the server does not answer."""
+    engine = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -59,18 +56,22 @@ def pg_admin():
 @pytest.fixture
 def pg_url(pg_admin):
     """The URL of a new, empty PostgreSQL database, dropped after the test."""
-    name = f"wis_test_{uuid.uuid4().hex[:12]}"
-    with pg_admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    with pg_admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with new_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
+def engine_kind(request) -> str:
+    """Each engine in turn: "sqlite", then "postgresql" (only where the server answers: pg_admin)."""
+    if request.param == "postgresql":
+        request.getfixturevalue("pg_admin")
+    return request.param
+
+
+@pytest.fixture
+def db_url(engine_kind, tmp_path, request):
     """A new, empty database on each engine: a SQLite file, then a PostgreSQL database."""
-    if request.param == "sqlite":
+    if engine_kind == "sqlite":
         return f"sqlite:///{tmp_path / 'store.db'}"
     return request.getfixturevalue("pg_url")
 

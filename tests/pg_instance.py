@@ -25,7 +25,7 @@ tests see real PostgreSQL behaviour.  Never use these settings for data that mat
 
 Usage::
 
-    from pg_instance import PrivatePostgres, private_postgres  # noqa: F401  (fixture)
+    from pg_instance import PrivatePostgres  # (the private_postgres fixture: conftest.py)
 
     def test_outage(private_postgres):
         url = private_postgres.create_database("store")  # or private_postgres.url
@@ -58,6 +58,7 @@ import weakref
 from pathlib import Path
 
 import pytest
+from helpers import create_database
 
 SHARED_PORT = 5432  # the shared server's port: never ours
 START_DEADLINE = 30.0  # seconds start() may take before it fails
@@ -259,7 +260,8 @@ class PrivatePostgres:
             if first_start and taken and attempt < 2:  # someone took the port in between: another one
                 self.port = free_port()
                 continue
-            raise RuntimeError(f"pg_ctl start failed ({done.returncode}):\n{done.stdout}{done.stderr}{self._log_tail()}")
+            raise RuntimeError(f"pg_ctl start failed ({done.returncode}):\n{done.stdout}{done.stderr}"
+                               f"{self._log_tail()}")
         self._wait_ready(time.monotonic() + deadline)
         return self
 
@@ -325,15 +327,7 @@ class PrivatePostgres:
 
     def create_database(self, name: str) -> str:
         """CREATE DATABASE ``name`` on this server (it must run); -> its SQLAlchemy URL."""
-        import psycopg
-        from psycopg import sql
-
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", name):
-            raise ValueError(f"not a plain database name: {name!r}")
-        with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres",
-                             connect_timeout=5, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        return self.url_for(name)
+        return create_database(self.url, name)
 
     # --- clean-up ---------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from helpers import at, bayeux, data, envelope, feed, fresh_store
+from helpers import at, bayeux, data, envelope, feed, fresh_store, run
 from sqlalchemy import inspect, text
 
 from store import datasette
@@ -312,3 +312,20 @@ def test_committed_metadata_is_generated():
 def test_metadata_without_docs_is_an_error(tmp_path):
     with pytest.raises(StoreError, match="SQL.md not found"):
         datasette.metadata("x.db", docs=tmp_path / "SQL.md")
+
+
+def test_datasette_command_writes_metadata_named_after_the_store_file(tmp_path, monkeypatch):
+    """`workitem-store datasette`: metadata keyed by the file's stem, the command to run printed;
+    a missing store is an error that creates nothing; an existing output is never a store."""
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "calls-2026.db"
+    missing = run("datasette", "--db", db, ok=False)
+    assert missing.exit_code == 1 and "no store at" in missing.output and not db.exists()
+    run("init", "--db", db)
+    out = run("datasette", "--db", db).output
+    assert out.strip() == f"datasette {db} -m calls-2026-metadata.json"
+    written = json.loads((tmp_path / "calls-2026-metadata.json").read_text(encoding="utf-8"))
+    assert list(written["databases"]) == ["calls-2026"]
+    refused = run("datasette", "--db", db, "-o", db, ok=False)
+    assert refused.exit_code == 1 and db.stat().st_size > 0
+    assert "Datasette reads SQLite files" in run("datasette", "--db", "postgresql://u@h/d", ok=False).output

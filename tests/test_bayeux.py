@@ -22,7 +22,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 from cometd_server import (
-    CHANNEL,
     DEADLINE,
     POISON,
     Control,
@@ -34,15 +33,10 @@ from cometd_server import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from store.ingest.bayeux import (
-    UNREADABLE_LIMIT,
-    BayeuxClient,
-    BayeuxError,
-    _split,
-    _split_leniently,
-    full_jitter,
-    split_messages,
-)
+from store.gws_protocol import CHANNEL
+from store.ingest.bayeux import UNREADABLE_LIMIT, BayeuxClient
+from store.ingest.bayeux_messages import _split, _split_leniently, split_messages
+from store.ingest.bayeux_transport import BayeuxError, full_jitter
 
 # The server and its control API: tests/cometd_server.py (fixtures node_modules and cometd:
 # tests/conftest.py).
@@ -245,7 +239,7 @@ def test_poison_messages_are_handed_on_with_their_text_and_the_session_goes_on(c
     recorder, client, traffic = run(main())
     assert len(recorder.attempts) == len(POISON) + 1  # each taken at once: no failure, no redelivery
     assert (client.handshakes, client.failures, client.callback_failures) == (1, 0, 0)
-    for (name, text, as_message, _), (message, raw) in zip(POISON, recorder.committed):
+    for (name, text, as_message, _), (message, raw) in zip(POISON, recorder.committed[:len(POISON)], strict=True):
         if isinstance(text, bytes):
             text = text.decode("utf-8", "backslashreplace")  # 0xFF kept as the text \xff
         assert raw == (text if as_message else f'{{"channel":"{CHANNEL}","data":{text}}}'), name

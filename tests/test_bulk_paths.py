@@ -1,9 +1,9 @@
 """The bulk paths of issue 9 give exactly what the general paths give.
 
-* PostgreSQL writes new rows with COPY (``db.insert_rows``): the same values as INSERT, for odd
+* PostgreSQL writes new rows with COPY (``bulk.insert_rows``): the same values as INSERT, for odd
   text, JSON and timestamps, and the same log and projections as a SQLite store.
-* PostgreSQL finds duplicates with one index probe per key (``log._first_copies_probed``,
-  ``log._payload_rows_probed``): the same rows as the IN lists SQLite uses, and the same
+* PostgreSQL finds duplicates with one index probe per key (``duplicates._first_copies_probed``,
+  ``duplicates._payload_rows_probed``): the same rows as the IN lists SQLite uses, and the same
   duplicate rules on both engines (within a batch, across batches, with and without ids).
 * An envelope line as export writes it is read with one parse (``notifications._exported_envelope``):
   every line, however odd, classifies as it does without that shortcut.
@@ -36,8 +36,10 @@ from hypothesis import strategies as st
 from sqlalchemy import BigInteger, Boolean, Column, Integer, MetaData, Table, Text, text
 from sqlalchemy.exc import IntegrityError
 
-from store import log, notifications
-from store.db import StoreError, insert_rows, open_engine, write_transaction
+from store import duplicates, log, notifications
+from store.bulk import insert_rows
+from store.db import open_engine, write_transaction
+from store.errors import StoreError
 from store.export import export_lines
 from store.ingest.files import import_stream
 from store.notifications import MAX_TIME, MIN_TIME, parse_line
@@ -260,11 +262,12 @@ def test_probed_lookups_find_what_in_lists_find(pg_admin):
             keys = {(r["source"], r["message_id"]) for r in rows if r["message_id"] is not None}
             keys |= {("src", "absent"), ("nobody", "1"), ("src", "quote'\"\\ é")}
             digests = sorted({r["payload_sha256"] for r in rows} | {"0" * 64})
-            probed = log._first_copies_probed(conn, keys)
-            assert probed == log._first_copies_in_lists(conn, keys)
+            probed = duplicates._first_copies_probed(conn, keys)
+            assert probed == duplicates._first_copies_in_lists(conn, keys)
             assert len(probed) > 1000
-            payload_rows = log._payload_rows_probed(conn, digests)
-            assert sorted(map(tuple, payload_rows)) == sorted(map(tuple, log._payload_rows_in_lists(conn, digests)))
+            payload_rows = duplicates._payload_rows_probed(conn, digests)
+            in_lists = duplicates._payload_rows_in_lists(conn, digests)
+            assert sorted(map(tuple, payload_rows)) == sorted(map(tuple, in_lists))
             assert len(payload_rows) >= 600 and all(r[4].tzinfo is UTC for r in payload_rows)
 
 

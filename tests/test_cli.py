@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import re
@@ -10,21 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from helpers import at, bare, bayeux, data, envelope, fresh_url, log_rows, projection_snapshot, table_rows
+from helpers import at, bare, bayeux, data, envelope, fresh_url, log_rows, projection_snapshot, run, table_rows
 from sqlalchemy import create_engine, func, select, text
 
-from store.cli import main
+from store.cli.formatting import emit_rows
+from store.cli.ingest_cmds import invocation
 from store.db import head_revision, open_store
 from store.projections import PROJECTIONS
 from store.schema import PROJECTION_TABLES, event_log, imported_files, workitems
 
-
-def run(*args, input=None, env=None, ok=True):
-    result = CliRunner().invoke(main, [str(a) for a in args], input=input, env=env, catch_exceptions=False)
-    if ok is not None:
-        assert (result.exit_code == 0) == ok, (result.exit_code, result.output)
-    return result
+ISO_Z = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"  # the one timestamp form of all output
 
 
 def write(path: Path, lines) -> Path:
@@ -103,7 +99,8 @@ def test_import_json_summary(db_url, tmp_path):
     result = run("import", "--json", write(tmp_path / "a.jsonl", LINES), "--db", db_url)
     summary = json.loads(result.output)
     (imp,) = summary["imports"]
-    assert (imp["appended"], imp["duplicates"], imp["quarantined"], imp["first_seq"], imp["last_seq"]) == (6, 1, 2, 1, 6)
+    counts = (imp["appended"], imp["duplicates"], imp["quarantined"], imp["first_seq"], imp["last_seq"])
+    assert counts == (6, 1, 2, 1, 6)
     assert summary["projected"]["to_seq"] == 6
 
 
@@ -237,8 +234,24 @@ def test_verify_detects_an_altered_projection(imported):
     result = run("verify", "--db", imported, ok=False)
     assert result.exit_code == 1
     assert "chain ok" in result.output and "workitems DIFFERS" in result.output
+    # The changed row by its key, only the column that differs: the table's value, then the log's.
+    assert "\n  workitem_id=W1: store has: state=Completed / log says: state=Processing\n" in result.output
     run("rebuild", "--db", imported)
     run("verify", "--db", imported)
+
+
+def test_verify_shows_a_missing_row_as_the_log_says_it_with_null(imported):
+    engine = open_store(imported)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM workitems WHERE workitem_id = 'W2'"))
+    engine.dispose()
+    out = run("verify", "--db", imported, ok=False).output
+    assert ("workitems DIFFERS from a rebuild from the log at seq 6: the store has 0 row(s) the log does not "
+            "give, and lacks 1 row(s) it gives") in out
+    (line,) = [line for line in out.splitlines() if "store has: " in line]
+    assert line.startswith("  workitem_id=W2: store has: no such row / log says: workitem_id=W2, state=NULL, ")
+    assert "None" not in out
+    assert re.search(f"first_seen_at={ISO_Z}, ", line), line
 
 
 def test_verify_compares_projection_rows_by_meaning_and_shows_them_so(imported):
@@ -258,9 +271,10 @@ def test_verify_compares_projection_rows_by_meaning_and_shows_them_so(imported):
     report = json.loads(run("verify", "--json", "--db", imported, ok=False).output)
     diff = report["differences"]["workitems"]
     assert (diff["missing"], diff["unexpected"]) == (1, 1)
-    shown = diff["unexpected_examples"][0]
-    assert shown["workitem_id"] == "W1" and shown["first_seen_at"].endswith("+00:00")
-    assert int(shown["notification_count"]) == int(diff["missing_examples"][0]["notification_count"]) + 1
+    (pair,) = diff["pairs"]
+    shown = pair["store"]
+    assert shown["workitem_id"] == "W1" and re.fullmatch(ISO_Z, shown["first_seen_at"])
+    assert int(shown["notification_count"]) == int(pair["log"]["notification_count"]) + 1
 
 
 def test_verify_detects_counts_that_disagree_with_the_log(imported):
@@ -275,7 +289,7 @@ def test_verify_detects_counts_that_disagree_with_the_log(imported):
     assert json.loads(run("status", "--json", "--db", imported).output)["event_log"]["rows"] == 11
     result = run("verify", "--db", imported, ok=False)
     assert "chain ok: 6 rows" in result.output
-    assert "event_log_counts DISAGREES for kind notification, quarantine reason None, duplicate False: " \
+    assert "event_log_counts DISAGREES for kind notification, quarantine reason NULL, duplicate False: " \
            f"the log holds {plain} rows, event_log_counts says {plain + 5}" in result.output
     report = json.loads(run("verify", "--json", "--db", imported, ok=False).output)
     assert report["counts_mismatch"] == [{"table": "event_log_counts", "kind": "notification",
@@ -385,8 +399,9 @@ def test_bad_database_url_is_a_clear_error():
     assert "Traceback" not in result.output
 
 
-def test_demo_ingests_live_from_the_simulator_and_verifies(db_url):
+def test_demo_ingests_live_from_the_simulator_and_verifies(db_url, monkeypatch):
     """The README's demo: a simulated GWS server, a live ingest, everything published is stored."""
+    monkeypatch.setattr(sys, "argv", [".venv/bin/workitem-store", "demo"])  # as the README runs it
     out = run("demo", "--seconds", "1", "--agents", "2", "--rate", "200", "--db", db_url).output
     stored = re.findall(r"(agent-\d+): (\d+) published, (\d+) stored", out)
     assert len(stored) == 2 and all(p == s and int(p) > 0 for _, p, s in stored), out
@@ -397,3 +412,61 @@ def test_demo_ingests_live_from_the_simulator_and_verifies(db_url):
     assert kinds == {"notification": sum(int(s) for _, _, s in stored), "session": 4, "snapshot": 2}
     again = run("demo", "--seconds", "1", "--agents", "2", "--rate", "200", "--db", db_url).output
     assert "agent-001#2:" in again and "verify: chain ok" in again
+    hint = out.strip().splitlines()[-1]
+    assert hint.endswith(f", or run `.venv/bin/workitem-store status --db {db_url}`."), hint
+
+
+def test_demo_hint_is_the_command_as_it_was_typed(monkeypatch, tmp_path):
+    """The closing hint of the demo runs as printed after the README's first command."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # (the venv's bin not on it, as after the README's line)
+    script = tmp_path / ".venv" / "bin" / "workitem-store"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    assert invocation(".venv/bin/workitem-store") == ".venv/bin/workitem-store"
+    assert invocation(str(script)) == ".venv/bin/workitem-store"  # (an absolute argv[0]: shown as typed)
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.write_text("")
+    assert invocation("/somewhere/store/__main__.py", str(python)) == ".venv/bin/python -m store"
+    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")
+    assert invocation(str(script)) == "workitem-store"  # on the PATH: its name
+    assert invocation("/elsewhere/a dir/workitem-store") == "'/elsewhere/a dir/workitem-store'"
+
+
+def test_tables_show_null_apart_from_empty_and_every_timestamp_in_one_form(db_url, tmp_path):
+    run("import", write(tmp_path / "a.jsonl", [*LINES, bare(data("StatusChange", "W3", state="Completed", caps=[]))]),
+        "--db", db_url)
+    rows = dict(line.split(None, 1) for line in run("state", "W2", "--seq", 7, "--db", db_url).output.splitlines()[2:])
+    assert rows["state"] == "NULL" and rows["capabilities"] == "NULL" and rows["open_capabilities_since_seq"] == "{}"
+    assert re.fullmatch(ISO_Z, rows["first_seen_at"])
+    rows = dict(line.split(None, 1) for line in run("state", "W3", "--seq", 7, "--db", db_url).output.splitlines()[2:])
+    assert rows["capabilities"] == "[]" and rows["state"] == "Completed"
+    found = json.loads(run("state", "W2", "--seq", 7, "--json", "--db", db_url).output)[0]
+    assert found["state"] is None and re.fullmatch(ISO_Z, found["first_seen_at"])
+    table = run("history", "W1", "--db", db_url).output.splitlines()
+    assert all(re.search(f"  {ISO_Z}  ", line) for line in table[2:]), table
+    assert all(re.fullmatch(ISO_Z, e["received_at"])
+               for e in json.loads(run("history", "W1", "--json", "--db", db_url).output))
+    assert all(re.fullmatch(ISO_Z, line.split(",")[1])
+               for line in run("history", "W1", "--csv", "--db", db_url).output.splitlines()[1:])
+    status = json.loads(run("status", "--json", "--db", db_url).output)
+    assert all(re.fullmatch(ISO_Z, c["updated_at"]) for c in status["checkpoints"])
+    if db_url.startswith("sqlite"):  # (PostgreSQL: `query` refuses the test's superuser; see test_query_safety.py)
+        out = run("query", "SELECT workitem_id, state FROM workitems ORDER BY workitem_id", "--db", db_url).output
+        assert out.splitlines()[3].split() == ["W2", "NULL"]
+
+
+def test_a_timestamp_value_is_shown_in_the_one_form_in_every_format(capsys):
+    """As `query` shows PostgreSQL's timestamptz values (SQLite returns stored text)."""
+    at = dt.datetime(2026, 11, 2, 9, 0, 0, 123456, tzinfo=dt.timezone(dt.timedelta(hours=1)))
+    rows = [{"at": at, "none": None, "empty": [], "obj": {"k": at}}]
+    shown = {}
+    for fmt in (None, "json", "csv"):
+        emit_rows(rows, fmt)
+        shown[fmt] = capsys.readouterr().out
+        assert "+01:00" not in shown[fmt] and "2026-11-02 " not in shown[fmt]
+    assert shown[None].splitlines()[2].split()[:4] == ["2026-11-02T08:00:00.123456Z", "NULL", "[]", '{"k":']
+    assert json.loads(shown["json"]) == [{"at": "2026-11-02T08:00:00.123456Z", "none": None, "empty": [],
+                                          "obj": {"k": "2026-11-02T08:00:00.123456Z"}}]
+    assert shown["csv"].splitlines()[1] == '2026-11-02T08:00:00.123456Z,,[],"{""k"": ""2026-11-02T08:00:00.123456Z""}"'

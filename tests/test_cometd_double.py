@@ -20,7 +20,8 @@ import aiohttp
 import pytest
 from cometd_server import CHANNEL, Control, NodeServer, Recorder, eventually, notification
 
-from store.ingest.bayeux import BayeuxClient, basic_authorization
+from store.ingest.bayeux import BayeuxClient
+from store.ingest.bayeux_transport import basic_authorization
 
 ACCESS_DENIED = {"statusCode": 20, "statusMessage": "Access denied"}
 CSRF_REFUSED = {"statusCode": 20, "statusMessage": "Missing or invalid Csrf token"}
@@ -193,7 +194,8 @@ def test_published_to_a_user_without_session_is_lost(cometd):
     assert before == {"sessions": [], "subscribed": [], "published": 2, "lost": 2, "acked": {}}
     assert somebody == {"published": 1, "sessions": [cid]} and elsewhere["sessions"] == []
     assert recorder.refs() == [2]  # the later session never gets what was published before it
-    assert during == {"sessions": [cid], "subscribed": [cid], "published": 3, "lost": 2, "acked": {cid: [notification(2)]}}
+    assert during == {"sessions": [cid], "subscribed": [cid], "published": 3, "lost": 2,
+                      "acked": {cid: [notification(2)]}}
 
 
 def test_unacknowledged_messages_die_with_their_session(cometd):
@@ -433,7 +435,8 @@ def test_401_access_denied_for_a_wrong_password(cometd):
             results["no password"] = (await get_json(http, workitems_url, no_colon))[::2]
             results["get wrong"] = (await get_json(http, workitems_url, (user, "nope")))[::2]
             results["get right"] = (await get_json(http, workitems_url, (user, "s3cret")))[::2]
-            async with http.post(cometd.url, data="[]", headers={"Authorization": basic_authorization((user, "x"))}) as r:
+            headers = {"Authorization": basic_authorization((user, "x"))}
+            async with http.post(cometd.url, data="[]", headers=headers) as r:
                 results["headers"] = r.status, r.headers.get("WWW-Authenticate"), r.headers.get("Content-Type")
             return registered, results
 

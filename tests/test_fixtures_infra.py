@@ -35,8 +35,8 @@ import trustme
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import ThreadedResolver
-from http_proxy import HttpProxy, http_proxy  # noqa: F401  (fixture)
-from pg_instance import SHARED_PORT, PrivatePostgres, private_postgres  # noqa: F401  (fixture)
+from http_proxy import HttpProxy
+from pg_instance import SHARED_PORT, PrivatePostgres
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool

@@ -14,16 +14,14 @@ import json
 import os
 
 import pytest
-from click.testing import CliRunner
 from fuzz_inputs import categories, hostile_lines, is_blank
-from helpers import feed, fresh_url
-from hypothesis import HealthCheck, given, settings
+from helpers import feed, fresh_url, on_both_engines, run
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from store import log
-from store.cli import main
-from store.db import StoreError, open_store, write_transaction
+from store.db import open_store, write_transaction
+from store.errors import StoreError
 from store.export import export_lines
 from store.ingest.config import SessionConfig
 from store.ingest.files import decode_line
@@ -33,12 +31,6 @@ from store.notifications import MAX_KEY_BYTES, NOTIFICATION, TOO_DEEP
 from store.projections import runner
 from store.schema import event_log, workitems
 from store.verify import verify
-
-
-def run(*args, ok=True):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert (result.exit_code == 0) == ok, (args, result.exit_code, result.output)
-    return result
 
 
 def _rows(engine) -> list:
@@ -91,12 +83,11 @@ def test_every_category_imported_as_one_file(db_url, tmp_path, fuzz_scale):
 
 
 # CI: a few dozen examples per engine (well under a minute); --fuzz-examples N for the long run.
-_FUZZ = settings(max_examples=int(os.environ.get("WORKITEM_STORE_FUZZ_EXAMPLES", "30")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                       HealthCheck.too_slow, HealthCheck.data_too_large])
+# Each engine's examples append to one store (the ``engine`` fixture): the log grows from example to example.
+_EXAMPLES = int(os.environ.get("WORKITEM_STORE_FUZZ_EXAMPLES", "30"))  # (conftest.py)
 
 
-@_FUZZ
-@given(st.lists(hostile_lines(), min_size=1, max_size=12))
+@on_both_engines(st.lists(hostile_lines(), min_size=1, max_size=12), sqlite=_EXAMPLES, postgresql=_EXAMPLES)
 def test_hostile_files_never_stop_import_or_projection(engine, lines):
     with engine.connect() as conn:
         before = conn.execute(select(func.count()).select_from(event_log)).scalar_one()
@@ -109,8 +100,7 @@ def test_hostile_files_never_stop_import_or_projection(engine, lines):
     _assert_verifies(engine)
 
 
-@_FUZZ
-@given(st.lists(hostile_lines(), min_size=1, max_size=12))
+@on_both_engines(st.lists(hostile_lines(), min_size=1, max_size=12), sqlite=_EXAMPLES, postgresql=_EXAMPLES)
 def test_hostile_live_messages_are_stored_like_file_lines(engine, lines):
     """Live ingest: each message text goes through the writer's classification (the same as a
     file line's) and is appended; none is refused by either engine."""

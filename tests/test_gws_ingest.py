@@ -33,7 +33,8 @@ import pytest
 from cometd_server import DEADLINE, Control, NodeServer, eventually, notification
 from sqlalchemy import func, select
 
-from store.db import StoreError, open_store
+from store.db import open_store
+from store.errors import StoreError
 from store.ingest.config import SessionConfig, load_config
 from store.ingest.service import Ingestor
 from store.projections.workitems import CLOSED_STATES
@@ -205,7 +206,8 @@ def test_many_sessions_record_their_start_snapshot_notifications_and_end(cometd,
         async with aiohttp.ClientSession() as http:
             control = Control(cometd, http)
             for u in names:  # what each user has open when the sessions start
-                await control.set_workitems(u, [{"id": f"open-{u}", "state": "Processing", "capabilities": ["Complete"]}])
+                await control.set_workitems(u, [{"id": f"open-{u}", "state": "Processing",
+                                                 "capabilities": ["Complete"]}])
             task = asyncio.create_task(ingestor.run())
             await subscribed(control, names)
             base = f"http://127.0.0.1:{ingestor.metrics_port}"
@@ -488,7 +490,8 @@ def test_kill_9_and_a_restart_20_s_later_heal_what_was_missed(cometd, db_url, tm
             server = await server_open_workitems(control, names)
         store = store_open_workitems(engine)
         with engine.connect() as conn:
-            gaps = [dict(r._mapping) for r in conn.execute(select(ingest_gaps).where(ingest_gaps.c.gap_ended_at.is_not(None)))]
+            ended = select(ingest_gaps).where(ingest_gaps.c.gap_ended_at.is_not(None))
+            gaps = [dict(r._mapping) for r in conn.execute(ended)]
             report = verify(conn)
         rows = log_rows(engine, kind=None)
         engine.dispose()

@@ -16,7 +16,8 @@ from helpers import fresh_store, log_rows
 from sqlalchemy import select
 
 from store.cli import main
-from store.db import StoreError, open_store
+from store.db import open_store
+from store.errors import StoreError
 from store.ingest import files
 from store.projections import runner
 from store.schema import imported_files
@@ -35,7 +36,8 @@ def big_file(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "BATCH_LINES", 20)
     monkeypatch.setattr(files, "COMMIT_LINES", 60)
     path = tmp_path / "capture.jsonl"
-    path.write_text("".join(line + "\n" for line in simulate(LINES, agents=3, seed=5, noise_rate=0, duplicate_rate=0.05)))
+    lines = simulate(LINES, agents=3, seed=5, noise_rate=0, duplicate_rate=0.05)
+    path.write_text("".join(line + "\n" for line in lines))
     return path
 
 

@@ -116,7 +116,7 @@ def test_a_live_session_fed_each_poison_message_keeps_going(cometd, db_url, tmp_
     notes = [r for r in rows if r["kind"] == "notification"]
     assert len(notes) == len(POISON) + NORMAL and all(r["duplicate_of"] is None for r in notes)
     # Every poison is a row of its own, in order, with the text received.
-    for (name, text, as_message, must_quarantine), row in zip(POISON, notes):
+    for (name, text, as_message, must_quarantine), row in zip(POISON, notes, strict=False):  # (the NORMAL rows follow)
         assert row["payload"] == expected_payload(text, as_message), name
         if must_quarantine:
             assert row["quarantine_reason"], name

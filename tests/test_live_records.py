@@ -66,7 +66,8 @@ def test_markers_and_snapshots_are_logged_with_kind_session_and_chained(engine):
         "snapshot statusCode is 20"]
     assert rows[2]["payload"] == json.dumps({"event": "started", "source": "agent-1",
                                              "handshake_at": at(0).isoformat()})
-    assert all(rows[n][c] is None for n in (2, 3) for c in ("channel", "message_id", "notification_type", "workitem_id"))
+    assert all(rows[n][c] is None for n in (2, 3)
+               for c in ("channel", "message_id", "notification_type", "workitem_id"))
     # The first row keeps the seven fields of the first version; the others add kind and session.
     prev = log.GENESIS_HASH
     for r in rows.values():
@@ -241,7 +242,8 @@ def test_a_snapshot_reconciles_what_the_notifications_missed(engine):
         # While nobody listened: W1 completed, W2 accepted, W4 arrived.
         started("agent-1", s2, at(60)),
         snapshot("agent-1", s2, at(61), [
-            {"id": "W2", "state": "Processing", "capabilities": ["Complete", "Transfer"], "userData": {"k": 1}, **RESOURCE},
+            {"id": "W2", "state": "Processing", "capabilities": ["Complete", "Transfer"], "userData": {"k": 1},
+             **RESOURCE},
             {"id": "W4", "state": "Invited", "capabilities": ["Accept"], **RESOURCE},
             {"state": "Invited"},  # no id: left out
         ]),

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import re
+import time
 
 import pytest
 from helpers import (
@@ -26,16 +27,20 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 
 from store import log
-from store.db import open_store, write_transaction
+from store.db import open_engine, open_reader, open_store, parse_url, probe_writable, write_transaction
+from store.errors import StoreError, StoreLocked
 from store.export import export_lines
 from store.ingest.files import BATCH_LINES, import_file, import_stream
+from store.locks import lock_for_append
 from store.notifications import parse_line
 from store.projections import runner
+from store.reading import pages, select_in
 from store.schema import event_log, imported_files, request_outcomes, workitem_transitions, workitems
 from store.simulate import simulate
 from store.verify import verify
 
 UTC = dt.UTC
+STATUS_CHANGE = '{"data": {"messageType": "' + MT + '", "notificationType": "StatusChange", "workitem": '
 
 
 def now():
@@ -109,7 +114,8 @@ def test_received_at_storage_is_utc_and_queryable(engine):
             kind = conn.execute(text("SELECT pg_typeof(received_at)::text FROM event_log LIMIT 1")).scalar_one()
             assert kind == "timestamp with time zone"
             utc = conn.execute(text(
-                "SELECT to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') FROM event_log WHERE seq = 1"
+                "SELECT to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') "
+                "FROM event_log WHERE seq = 1"
             )).scalar_one()
             assert utc == "2026-11-03 04:59:59.000001"
 
@@ -123,7 +129,7 @@ def test_payload_hashes_and_chain(engine):
         rows = log_rows(conn)
         assert log.head(conn) == (6, rows[-1]["chain_hash"])
     prev = log.GENESIS_HASH
-    for line, r in zip(lines, rows):
+    for line, r in zip(lines, rows, strict=True):
         assert r["payload"] == line
         assert r["payload_sha256"] == hashlib.sha256(line.encode()).hexdigest()
         expected = log.chain_hash(prev, r["seq"], r["received_at"], r["source"], r["payload_sha256"],
@@ -220,7 +226,8 @@ def test_duplicates_are_not_projected(engine):
     runner.project(engine)
     with engine.connect() as conn:
         (w,) = table_rows(conn, workitems)
-        assert (w["state"], w["capabilities"], w["notification_count"], w["error_count"]) == ("Invited", ["Accept"], 1, 0)
+        assert (w["state"], w["capabilities"], w["notification_count"], w["error_count"]) == \
+            ("Invited", ["Accept"], 1, 0)
         assert [t["to_state"] for t in table_rows(conn, workitem_transitions)] == ["Invited"]
         assert [(o["reference_id"], o["notification_count"]) for o in table_rows(conn, request_outcomes)] == [("1", 1)]
         assert verify(conn).ok
@@ -229,7 +236,8 @@ def test_duplicates_are_not_projected(engine):
 # -- quarantine ----------------------------------------------------------------------------------
 
 QUARANTINE_LINES = [
-    ('{"data": {"messageType": "WorkitemStateChangeMessage", "notificationType": "StatusChange", "workitem": {"id": "Q0"', "not JSON"),
+    ('{"data": {"messageType": "WorkitemStateChangeMessage", "notificationType": "StatusChange", '
+     '"workitem": {"id": "Q0"', "not JSON"),
     ('[{"data": {"workitem": {"id": "Q1"}}}]', "not a JSON object"),
     (json.dumps({"channel": "/v2/me/workitems", "id": "q2", "data": "Q2"}), "data is not an object"),
     (json.dumps({"channel": "/v2/me/workitems", "id": "q3"}), "data is missing"),
@@ -245,11 +253,12 @@ QUARANTINE_LINES = [
 def test_each_quarantined_line_is_logged_with_its_reason_and_not_projected(engine):
     good = bare(data("StatusChange", "GOOD", state="Invited", ref=100))
     result = feed(engine, [line for line, _ in QUARANTINE_LINES] + [good], source="s")
-    assert (result.appended, result.quarantined, result.duplicates) == (len(QUARANTINE_LINES) + 1, len(QUARANTINE_LINES), 0)
+    assert (result.appended, result.quarantined, result.duplicates) == \
+        (len(QUARANTINE_LINES) + 1, len(QUARANTINE_LINES), 0)
     runner.project(engine)
     with engine.connect() as conn:
         rows = log_rows(conn)
-        for (line, reason), row in zip(QUARANTINE_LINES, rows):
+        for (line, reason), row in zip(QUARANTINE_LINES, rows[:-1], strict=True):
             assert row["quarantine_reason"] is not None and reason in row["quarantine_reason"], (line, row)
             assert row["payload"] == line
         assert rows[-1]["quarantine_reason"] is None
@@ -265,15 +274,16 @@ def test_json_that_postgresql_cannot_store_is_quarantined_not_fatal(engine):
     PostgreSQL text/jsonb (nor, for surrogates, encoded as UTF-8 at all): quarantined on both engines."""
     bad = [
         bare(data("StatusChange", "N1", user_data={"x": float("nan")})),
-        '{"data": {"messageType": "%s", "notificationType": "StatusChange", "workitem": {"id": "N2", "userData": {"x": 1e400}}}}' % MT,
-        '{"data": {"messageType": "%s", "notificationType": "StatusChange", "workitem": {"id": "N3\\u0000"}}}' % MT,
-        '{"data": {"messageType": "%s", "notificationType": "StatusChange", "workitem": {"id": "N4", "userData": {"a": "\\u0000"}}}}' % MT,
-        '{"data": {"messageType": "%s", "notificationType": "StatusChange", "workitem": {"id": "N5\\ud800"}}}' % MT,
-        '{"received_at": "2026-11-02T08:00:00Z", "source": "agent\\udc00", "message": %s}' % bare(data("StatusChange", "N6")),
+        STATUS_CHANGE + '{"id": "N2", "userData": {"x": 1e400}}}}',
+        STATUS_CHANGE + '{"id": "N3\\u0000"}}}',
+        STATUS_CHANGE + '{"id": "N4", "userData": {"a": "\\u0000"}}}}',
+        STATUS_CHANGE + '{"id": "N5\\ud800"}}}',
+        '{"received_at": "2026-11-02T08:00:00Z", "source": "agent\\udc00", "message": '
+        + bare(data("StatusChange", "N6")) + "}",
     ]
     fine = [
-        '{"data": {"messageType": "%s", "notificationType": "StatusChange", "workitem": {"id": "OK1\\u00e9\\ud83d\\ude00"}}}' % MT,
-        '{"data": {"messageType": "%s", "notificationType": "StatusChange", "workitem": {"id": "OK2", "userData": {"p": "a\\\\u0000"}}}}' % MT,
+        STATUS_CHANGE + '{"id": "OK1\\u00e9\\ud83d\\ude00"}}}',
+        STATUS_CHANGE + '{"id": "OK2", "userData": {"p": "a\\\\u0000"}}}}',
     ]
     result = feed(engine, bad + fine)
     assert (result.appended, result.quarantined) == (8, 6)
@@ -325,14 +335,15 @@ ODD_LINES = [
     envelope(bare(data()), "s", "not a time"),
     envelope(bare(data()), "", "2026-11-02T08:00:00Z"),
     envelope(bare(data()), 7, "2026-11-02T08:00:00Z"),
-    '{ "message" :  {"data":{"messageType":"%s","notificationType":"StatusChange","workitem":{"id":"P2","state":"Invited"}},"id":"e1"} ,"received_at":"2026-11-02T08:00:00+05:00","source":"odd"}' % MT,
+    '{ "message" :  {"data":{"messageType":"' + MT + '","notificationType":"StatusChange","workitem":{"id":"P2",'
+    '"state":"Invited"}},"id":"e1"} ,"received_at":"2026-11-02T08:00:00+05:00","source":"odd"}',
     envelope("[1]", "s", at(3)),
     envelope('"text"', "s", at(3)),
     bayeux(data("Error", None, ref=77, code=409, message="locked"), mid="p3"),
     bayeux(data("StatusChange", "P1", state="Invited"), mid="p1"),  # duplicate of the padded one
     json.dumps({"received_at": "2026-11-02T08:00:00Z", "source": "s", "line": "hand-made line form"}),
     bare(data("StatusChange", "N1", user_data={"x": float("nan")})),
-    '{"data": {"messageType": "%s", "notificationType": "StatusChange", "workitem": {"id": "N5\\ud800"}}}' % MT,
+    STATUS_CHANGE + '{"id": "N5\\ud800"}}}',
 ]
 
 
@@ -356,10 +367,121 @@ def test_export_then_import_reproduces_log_and_projections(engine):
         runner.project(copy)
         with copy.connect() as conn:
             restored = log_rows(conn)
-            for a, b in zip(original, restored):
+            for a, b in zip(original, restored, strict=True):
                 assert a == b
             assert len(restored) == len(original)
             assert projection_snapshot(conn) == projections
             assert verify(conn).ok
             again = "".join(line + "\n" for line in export_lines(conn))
     assert again == exported
+
+
+# -- the appenders' lock: a writer that waits too long gives up with one clear line ----------------
+
+def test_a_writer_gives_up_on_a_held_lock_with_one_clear_line(engine):
+    """Two connections: the first holds the appenders' lock; the second, asking for a short
+    wait, gives up with StoreLocked after about that long, on both engines.  The wait it asked
+    for does not stay with the connection (SQLite's busy_timeout, PostgreSQL's lock_timeout)."""
+    feed(engine, list(simulate(5, agents=1)))
+    with write_transaction(engine) as holder:
+        lock_for_append(holder)
+        assert log.head(holder)[0] == 5
+        for attempt in (lambda: _append_lock(engine, 0.5), lambda: probe_writable(engine, 0.5)):
+            start = time.monotonic()
+            with pytest.raises(StoreLocked) as caught:
+                attempt()
+            assert 0.4 < time.monotonic() - start < 10
+            message = str(caught.value)
+            assert message.startswith("the store is locked by another writer for more than 0.5 s: ")
+            assert "\n" not in message and "None" not in message
+            assert isinstance(caught.value, StoreError)
+    assert probe_writable(engine, 0.5) == 5  # released: the same writer goes through
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 60_000
+        else:
+            assert conn.exec_driver_sql("SHOW lock_timeout").scalar_one() == "0"
+    with write_transaction(engine) as conn:  # the default wait is the same on both engines
+        setting = "PRAGMA busy_timeout" if engine.dialect.name == "sqlite" else "SHOW lock_timeout"
+        assert conn.exec_driver_sql(setting).scalar_one() in (60_000, "1min")
+
+
+def _append_lock(engine, timeout: float) -> None:
+    with write_transaction(engine, timeout) as conn:
+        lock_for_append(conn)
+
+
+# -- opening a store: URLs, and readers that never create one -------------------------------------
+
+@pytest.mark.parametrize(("given", "driver"), [
+    ("postgres://u@h:5432/d", "postgresql+psycopg"),
+    ("postgresql://u:secret@h/d", "postgresql+psycopg"),
+    ("postgres+psycopg2://u@h/d", "postgresql+psycopg2"),
+    ("postgresql+psycopg://u@h/d", "postgresql+psycopg"),
+    ("sqlite:///x.db", "sqlite"),
+])
+def test_postgres_urls_are_postgresql_through_psycopg(given, driver):
+    assert parse_url(given).drivername == driver
+
+
+@pytest.mark.postgres
+def test_a_postgres_url_opens_the_store(pg_url):
+    url = "postgres://" + pg_url.split("://", 1)[1]
+    engine = open_store(url)
+    try:
+        feed(engine, list(simulate(3, agents=1)))
+    finally:
+        engine.dispose()
+    reader = open_reader(url)
+    try:
+        with reader.connect() as conn:
+            assert log.head(conn)[0] == 3
+    finally:
+        reader.dispose()
+
+
+def test_a_reader_never_creates_a_store(tmp_path):
+    missing = tmp_path / "typo.db"
+    with pytest.raises(StoreError) as caught:
+        open_reader(str(missing))
+    assert str(caught.value) == (f"no store at {missing} (create one with `workitem-store init --db {missing}` "
+                                 "or `workitem-store import`)")
+    assert not missing.exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(StoreError) as caught:
+        open_reader(f"sqlite:///{tmp_path}")
+    assert str(caught.value) == (f"no store at {tmp_path} (it is a directory; create one with `workitem-store "
+                                 f"init --db {tmp_path / 'workitems.db'}` or `workitem-store import`)")
+    with pytest.raises(StoreError, match=r"is a directory, not a SQLite file \(give the store's file"):
+        open_engine(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- reading in bounded pieces: IN lists and keyset pages ------------------------------------------
+
+def test_select_in_finds_every_key_across_in_lists(engine):
+    feed(engine, list(simulate(2000, agents=3, seed=8)))
+    c = event_log.c
+    with engine.connect() as conn:
+        everything = conn.execute(select(c.seq, c.source, c.message_id)).all()
+        seqs = [seq for seq, _, _ in everything] + [10_000, 10_001]  # two that are not there
+        found = sorted(seq for (seq,) in select_in(conn, select(c.seq), [c.seq], seqs))
+        assert found == sorted(seq for seq, _, _ in everything) and len(found) > 1000
+        pairs = {(source, mid) for _, source, mid in everything if mid is not None}
+        assert len(pairs) > 1000  # several IN lists for one source
+        rows = select_in(conn, select(c.source, c.message_id), [c.source, c.message_id], pairs)
+        assert {tuple(row) for row in rows} == pairs
+
+
+def test_pages_read_a_range_in_seq_order_in_bounded_pages(engine):
+    feed(engine, list(simulate(1500, agents=3, seed=9)))
+    c = event_log.c
+    query = select(c.seq, c.source).where(c.seq % 3 != 0)  # rows filtered out within each page's range
+    with engine.connect() as conn:
+        for raw in (False, True):
+            for after, upto, size in ((0, None, 256), (100, 1000, 256), (100, 1000, 900), (7, 8, 10), (5, 5, 10)):
+                got = list(pages(conn, query, after, upto, size, raw=raw))
+                assert all(0 < len(page) <= size for page in got)
+                last = 1500 if upto is None else upto
+                assert [row[0] for page in got for row in page] == [s for s in range(after + 1, last + 1) if s % 3]
+                assert all(type(row[0]) is int and isinstance(row[1], str) for page in got for row in page)
+

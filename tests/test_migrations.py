@@ -18,7 +18,8 @@ from helpers import bare, data, feed, fresh_url
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import DBAPIError
 
-from store.db import MIGRATIONS_DIR, StoreError, alembic_config, current_revision, head_revision, open_store
+from store.db import MIGRATIONS_DIR, alembic_config, current_revision, head_revision, open_store
+from store.errors import StoreError
 from store.schema import metadata
 
 TABLES = {"event_log", "imported_files", "workitems", "workitem_transitions", "capability_history",
@@ -60,13 +61,15 @@ def test_migrated_schema_equals_create_all(db_url):
         created = create_engine(other)
         metadata.create_all(created)
         a, b = inspect(migrated), inspect(created)
+
+        def shape(insp, table):
+            columns = [(c["name"], str(c["type"]), c["nullable"]) for c in insp.get_columns(table)]
+            indexes = sorted((i["name"], tuple(i["column_names"]), bool(i["unique"])) for i in insp.get_indexes(table))
+            pk = insp.get_pk_constraint(table)
+            return columns, indexes, (pk["name"], tuple(pk["constrained_columns"]))
+
         for table in TABLES:
-            def shape(insp):
-                columns = [(c["name"], str(c["type"]), c["nullable"]) for c in insp.get_columns(table)]
-                indexes = sorted((i["name"], tuple(i["column_names"]), bool(i["unique"])) for i in insp.get_indexes(table))
-                pk = insp.get_pk_constraint(table)
-                return columns, indexes, (pk["name"], tuple(pk["constrained_columns"]))
-            assert shape(a) == shape(b), table
+            assert shape(a, table) == shape(b, table), table
         created.dispose()
     migrated.dispose()
 
@@ -93,7 +96,8 @@ def test_downgrade_to_base_then_upgrade_to_head(engine):
     with engine.connect() as conn:
         assert current_revision(conn) is None
         if engine.dialect.name == "postgresql":
-            assert conn.execute(text("SELECT count(*) FROM pg_proc WHERE proname = 'event_log_append_only'")).scalar_one() == 0
+            functions = text("SELECT count(*) FROM pg_proc WHERE proname = 'event_log_append_only'")
+            assert conn.execute(functions).scalar_one() == 0
     with engine.begin() as conn:
         command.upgrade(alembic_config(conn), "head")
     assert _tables(engine) == TABLES
@@ -217,7 +221,8 @@ def test_a_store_at_revision_0005_upgrades_to_seals(db_url, tmp_path):
     engine = create_engine(db_url)
     with engine.connect() as conn:
         identity = conn.execute(text("SELECT store_id, created_at FROM store_identity")).all()
-        assert tuple(conn.execute(text("SELECT seq, chain_hash FROM event_log ORDER BY seq DESC LIMIT 1")).one()) == head
+        last = text("SELECT seq, chain_hash FROM event_log ORDER BY seq DESC LIMIT 1")
+        assert tuple(conn.execute(last).one()) == head
     engine.dispose()
     assert len(identity) == 1 and len(identity[0].store_id) == 36 and identity[0].created_at.endswith("Z")
     assert cli.invoke(main, ["keygen", str(tmp_path / "k")]).exit_code == 0

@@ -36,8 +36,9 @@ def test_bare_data_line_has_no_channel_or_id():
 
 
 def test_envelope_payload_is_the_raw_message_text_byte_for_byte():
-    message = '{ "data" :{"workitem": {"id" : "W3"},  "notificationType":"StatusChange","messageType":"%s"} ,\t"id":"m1" ,"channel":"/v2/me/workitems"}' % MT
-    line = '{"source" : "agent-1" ,  "message" :   %s   , "received_at":"2026-11-02T10:00:00.5+02:00"}' % message
+    message = ('{ "data" :{"workitem": {"id" : "W3"},  "notificationType":"StatusChange","messageType":"' + MT
+               + '"} ,\t"id":"m1" ,"channel":"/v2/me/workitems"}')
+    line = '{"source" : "agent-1" ,  "message" :   ' + message + '   , "received_at":"2026-11-02T10:00:00.5+02:00"}'
     n = parse_line(line)
     assert n.payload == message
     assert n.source == "agent-1"
@@ -64,10 +65,13 @@ QUARANTINED = {
     "data a string": (json.dumps({"data": "hello"}), "data is not an object"),
     "data a list": (json.dumps({"data": [data()]}), "data is not an object"),
     "other messageType": (bare(data(message_type="CallStateChangeMessage")), "messageType"),
-    "no messageType": (json.dumps({"data": {"notificationType": "StatusChange", "workitem": {"id": "w"}}}), "messageType"),
+    "no messageType": (json.dumps({"data": {"notificationType": "StatusChange", "workitem": {"id": "w"}}}),
+                       "messageType"),
     "other notificationType": (bare(data("Deleted")), "notificationType"),
-    "StatusChange without workitem.id": (bare(data("StatusChange", None, state="Invited")), "StatusChange without workitem.id"),
-    "PropertiesUpdated without workitem": (bare(data("PropertiesUpdated", None)), "PropertiesUpdated without workitem.id"),
+    "StatusChange without workitem.id": (bare(data("StatusChange", None, state="Invited")),
+                                         "StatusChange without workitem.id"),
+    "PropertiesUpdated without workitem": (bare(data("PropertiesUpdated", None)),
+                                           "PropertiesUpdated without workitem.id"),
     "Error with neither": (bare(data("Error", None, code=500)), "Error with neither referenceId nor workitem.id"),
     "envelope bad received_at": (envelope(bare(data()), "s", "yesterday"), "envelope received_at"),
     "envelope empty source": (envelope(bare(data()), "", "2026-11-02T08:00:00Z"), "envelope source"),
@@ -129,7 +133,8 @@ def test_envelope_line_round_trips_any_message(message, sep, ws, source, stamp):
     assert n.payload == payload
     assert n.source == source and n.received_at == when
     # and an envelope written by hand, with odd whitespace and key order
-    line = f'{{{ws}"message"{ws}:{ws}{payload}{ws},"source":{json.dumps(source)},{ws}"received_at":"{when.isoformat()}"}}'
+    line = (f'{{{ws}"message"{ws}:{ws}{payload}{ws},"source":{json.dumps(source)},{ws}'
+            f'"received_at":"{when.isoformat()}"}}')
     assert parse_line(line).payload == payload
 
 
@@ -167,7 +172,8 @@ def test_line_form_of_an_export():
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=40).filter(lambda s: "\n" not in s)
-       | st.builds(lambda v: json.dumps(v, ensure_ascii=False), st.dictionaries(st.text(max_size=4), json_values | st.text(), max_size=3)))
+       | st.builds(lambda v: json.dumps(v, ensure_ascii=False),
+                   st.dictionaries(st.text(max_size=4), json_values | st.text(), max_size=3)))
 def test_any_line_is_classified_and_what_is_kept_can_be_stored(line):
     n = parse_line(line)  # never raises
     assert isinstance(n.payload, str)

@@ -280,7 +280,8 @@ def test_many_workitems_loaded_in_chunks(engine):
     n = 1000
     feed(engine, [env(data("StatusChange", f"W{i:04d}", state="Invited", caps=["A", "B"], ref=i), i) for i in range(n)])
     runner.project(engine)
-    feed(engine, [env(data("StatusChange", f"W{i:04d}", state="Processing", caps=["B"], ref=i), n + i) for i in range(n)]
+    feed(engine, [env(data("StatusChange", f"W{i:04d}", state="Processing", caps=["B"], ref=i), n + i)
+                  for i in range(n)]
          + [env(data("Error", None, ref=i, code=409), 2 * n + i) for i in range(0, n, 2)])
     runner.project(engine)
     with engine.connect() as conn:

@@ -17,26 +17,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from helpers import at, bayeux, data, envelope, feed, live, log_rows, marker, snapshot, started
+from helpers import at, bayeux, data, envelope, feed, live, log_rows, marker, run, snapshot, started
 from sqlalchemy import select
 
 from store import proofs, seals
-from store.cli import main
-from store.db import insert_rows, open_store, write_transaction
+from store.bulk import insert_rows
+from store.db import open_store, write_transaction
 from store.log import chain_hash
 from store.schema import seals as seals_table
 
 SESSION = "i1/agent-1/1"
 NON_ASCII = "Zoë ✓ 😀 \u2028 日本"  # two-byte, three-byte, astral (a surrogate pair once escaped), LS
-
-
-def run(*args, ok=True):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    if ok is not None:
-        assert (result.exit_code == 0) == ok, (result.exit_code, result.output)
-    return result
 
 
 def raw(d: dict, mid: str) -> str:

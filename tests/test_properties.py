@@ -10,9 +10,19 @@ from __future__ import annotations
 import io
 import json
 
-import pytest
-from helpers import MT, at, bare, bayeux, data, envelope, feed, fresh_store, log_rows, projection_snapshot
-from hypothesis import HealthCheck, given, settings
+from helpers import (
+    MT,
+    at,
+    bare,
+    bayeux,
+    data,
+    envelope,
+    feed,
+    fresh_store,
+    log_rows,
+    on_both_engines,
+    projection_snapshot,
+)
 from hypothesis import strategies as st
 from sqlalchemy import select
 
@@ -42,7 +52,7 @@ BAD_LINES = [
     bare(data("Error", None, code=500)),
     envelope(bare(data("StatusChange", "W1", state="Completed")), "agent-1", "not a time"),
     bare(data("StatusChange", "W1", state="Completed", user_data={"n": float("nan")})),
-    '{"data": {"messageType": "%s", "notificationType": "StatusChange", "workitem": {"id": "W1\\u0000"}}}' % MT,
+    '{"data": {"messageType": "' + MT + '", "notificationType": "StatusChange", "workitem": {"id": "W1\\u0000"}}}',
 ]
 # Lines that only raw bytes or exact spacing can express (exercise export's "line" form).
 ODD_LINES = [
@@ -64,7 +74,8 @@ def change(draw):
     if draw(st.booleans()):
         kwargs["caps"] = draw(st.lists(st.sampled_from(CAPS), unique=True, max_size=4))
     if draw(st.integers(0, 3)) == 0:
-        kwargs["user_data"] = draw(st.dictionaries(st.sampled_from("abc"), st.integers(0, 3) | st.text("xy", max_size=2), max_size=2))
+        values = st.integers(0, 3) | st.text("xy", max_size=2)
+        kwargs["user_data"] = draw(st.dictionaries(st.sampled_from("abc"), values, max_size=2))
     if draw(st.booleans()):
         kwargs["ref"] = draw(st.integers(1, 6))
     return data(ntype, draw(st.sampled_from(WORKITEMS)), **kwargs)
@@ -102,7 +113,8 @@ def stream(draw, odd: bool = False):
     """(lines, batches) where batches are (end index, import source, project afterwards)."""
     # A fixed start that gives every projection table rows, so no comparison is of empty tables.
     lines: list = [
-        envelope(bayeux(data("StatusChange", "W1", state="Invited", caps=["Accept", "Reject"], ref=1), "p1"), "agent-1", at(0)),
+        envelope(bayeux(data("StatusChange", "W1", state="Invited", caps=["Accept", "Reject"], ref=1), "p1"),
+                 "agent-1", at(0)),
         envelope(bayeux(data("Error", "W1", ref=2, code=409), "p2"), "agent-1", at(1)),
     ]
     kinds = [good_line(), good_line(), good_line(), st.sampled_from(BAD_LINES)]
@@ -127,66 +139,39 @@ def load(engine, lines, batches):
             runner.project(engine)
 
 
-PROPERTY = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-KINDS = [pytest.param("sqlite", 40, id="sqlite"),
-         pytest.param("postgresql", 15, id="postgresql", marks=pytest.mark.postgres)]
+@on_both_engines(stream(), sqlite=40, postgresql=15)
+def test_incremental_projection_equals_rebuild(engine_kind, generated):
+    lines, batches = generated
+    with fresh_store(engine_kind) as engine:
+        load(engine, lines, batches)
+        runner.project(engine)
+        with engine.connect() as conn:
+            seqs = conn.execute(select(event_log.c.seq).order_by(event_log.c.seq)).scalars().all()
+            assert seqs == list(range(1, len(lines) + 1))
+            incremental = projection_snapshot(conn)
+            assert all(incremental.values()), "every projection table has rows"
+            report = verify(conn)
+            assert report.ok, (report.chain_break, report.differences)
+        assert runner.project(engine).applied == 0  # idempotent
+        runner.rebuild(engine)
+        with engine.connect() as conn:
+            assert projection_snapshot(conn) == incremental
+            assert verify(conn).ok
 
 
-def _require(kind, request):
-    if kind == "postgresql":
-        request.getfixturevalue("pg_admin")  # skips (or fails under CI) without a server
-
-
-@pytest.mark.parametrize(("kind", "examples"), KINDS)
-def test_incremental_projection_equals_rebuild(kind, examples, request):
-    _require(kind, request)
-
-    @settings(max_examples=examples, **PROPERTY)
-    @given(stream())
-    def check(generated):
-        lines, batches = generated
-        with fresh_store(kind) as engine:
-            load(engine, lines, batches)
-            runner.project(engine)
-            with engine.connect() as conn:
-                seqs = conn.execute(select(event_log.c.seq).order_by(event_log.c.seq)).scalars().all()
-                assert seqs == list(range(1, len(lines) + 1))
-                incremental = projection_snapshot(conn)
-                assert all(incremental.values()), "every projection table has rows"
-                report = verify(conn)
-                assert report.ok, (report.chain_break, report.differences)
-            assert runner.project(engine).applied == 0  # idempotent
-            runner.rebuild(engine)
-            with engine.connect() as conn:
-                assert projection_snapshot(conn) == incremental
-                assert verify(conn).ok
-
-    check()
-
-
-@pytest.mark.parametrize(("kind", "examples"), [
-    pytest.param("sqlite", 25, id="sqlite"),
-    pytest.param("postgresql", 8, id="postgresql", marks=pytest.mark.postgres),
-])
-def test_export_then_import_reproduces_everything(kind, examples, request):
-    _require(kind, request)
-
-    @settings(max_examples=examples, **PROPERTY)
-    @given(stream(odd=True))
-    def check(generated):
-        lines, batches = generated
-        with fresh_store(kind) as engine, fresh_store(kind) as copy:
-            load(engine, lines, batches)
-            runner.project(engine)
-            with engine.connect() as conn:
-                original = log_rows(conn)
-                projections = projection_snapshot(conn)
-                exported = "".join(line + "\n" for line in export_lines(conn))
-            import_stream(copy, io.BytesIO(exported.encode()), file_name="export.jsonl", source="restore")
-            runner.project(copy)
-            with copy.connect() as conn:
-                assert log_rows(conn) == original
-                assert projection_snapshot(conn) == projections
-                assert verify(conn).ok
-
-    check()
+@on_both_engines(stream(odd=True), sqlite=25, postgresql=8)
+def test_export_then_import_reproduces_everything(engine_kind, generated):
+    lines, batches = generated
+    with fresh_store(engine_kind) as engine, fresh_store(engine_kind) as copy:
+        load(engine, lines, batches)
+        runner.project(engine)
+        with engine.connect() as conn:
+            original = log_rows(conn)
+            projections = projection_snapshot(conn)
+            exported = "".join(line + "\n" for line in export_lines(conn))
+        import_stream(copy, io.BytesIO(exported.encode()), file_name="export.jsonl", source="restore")
+        runner.project(copy)
+        with copy.connect() as conn:
+            assert log_rows(conn) == original
+            assert projection_snapshot(conn) == projections
+            assert verify(conn).ok

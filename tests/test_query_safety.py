@@ -20,14 +20,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from helpers import bayeux, data
+from helpers import bayeux, data, new_database, run
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from store.cli import main
-from store.db import hide_password, safe_url
+from store.errors import hide_password, safe_url
 
 LINES = [
     bayeux(data("StatusChange", "W1", state="Invited", caps=["Accept"], ref=1), mid="1"),
@@ -39,22 +37,13 @@ LONG_QUERY = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WH
 SECRET = "s3cretPW-4711"
 
 
-def run(*args, env=None, ok: bool | None = True):
-    result = CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
-    if ok is not None:
-        assert (result.exit_code == 0) == ok, (args, result.exit_code, result.output)
-    return result
-
-
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load(url: str) -> None:
     """A store at ``url`` holding LINES (one workitem), projected."""
-    result = CliRunner().invoke(main, ["import", "-", "--db", str(url)], input="\n".join(LINES) + "\n",
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    run("import", "-", "--db", url, input="\n".join(LINES) + "\n")
 
 
 @pytest.fixture
@@ -162,7 +151,7 @@ def test_readers_refuse_a_missing_sqlite_file_and_create_nothing(tmp_path, comma
     path = tmp_path / "typo.db"
     result = run(*command, "--db", path, ok=False)
     assert result.exit_code == 1
-    assert f"{path} does not exist" in result.output and "workitem-store init" in result.output
+    assert f"no store at {path}" in result.output and "workitem-store init" in result.output
     assert "workitem-store import" in result.output
     assert list(tmp_path.iterdir()) == []
 
@@ -360,12 +349,8 @@ def test_query_refuses_roles_that_can_do_more_than_read(pg_url, roles):
 @pytest.fixture
 def other_database(pg_admin):
     """A private database besides the store's (not named wis_*), dropped afterwards."""
-    name = f"qsafety_other_{uuid.uuid4().hex[:10]}"
-    with pg_admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield name
-    with pg_admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with new_database(prefix="qsafety_other") as url:
+        yield make_url(url).database
 
 
 @pytest.mark.postgres

@@ -20,22 +20,19 @@ import sqlite3
 import stat
 import tempfile
 import threading
-import uuid
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import bare, data, feed, fresh_store, fresh_url
-from hypothesis import given, settings
+from helpers import bare, data, feed, fresh_store, fresh_url, new_database, on_both_engines, run
 from hypothesis import strategies as st
 from sqlalchemy import create_engine, delete, func, insert, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
-from test_cli import run
-from test_properties import PROPERTY, _require, stream
+from test_properties import stream
 
-from store import log, seals
+from store import log, seal_check, seals
 from store.db import open_store
 from store.ingest import files
 from store.log import GENESIS_HASH, chain_hash, payload_sha256
@@ -178,7 +175,7 @@ def sealed_store(request, tmp_path_factory):
 
 
 @pytest.fixture
-def sealed(sealed_store, tmp_path, request):
+def sealed(sealed_store, tmp_path):
     """A copy of ``sealed_store`` (its database and witness file) for one test to tamper with."""
     s = SimpleNamespace(key=sealed_store.key, pub=sealed_store.pub, witness=tmp_path / "witness.jsonl")
     shutil.copyfile(sealed_store.witness, s.witness)
@@ -190,14 +187,10 @@ def sealed(sealed_store, tmp_path, request):
         copy.close()
         yield s
         return
-    admin = request.getfixturevalue("pg_admin")
-    name = f"wis_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{make_url(sealed_store.url).database}"'))
-    s.url = make_url(sealed_store.url).set(database=name).render_as_string(hide_password=False)
-    yield s
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    # (a copy: PostgreSQL's CREATE DATABASE ... TEMPLATE, of a database nobody is connected to)
+    with new_database(template=make_url(sealed_store.url).database) as url:
+        s.url = url
+        yield s
 
 
 def verify_ok(s, *options) -> str:
@@ -287,7 +280,7 @@ def test_a_seal_is_of_one_moment_while_another_process_appends(pg_url, tmp_path,
         assert (made.seq, made.rows) == (5, 5)
         with engine.connect() as conn:
             assert log.head(conn)[0] == 6
-            assert seals.check(conn, public_key=seals.load_public_key(tmp_path / "k.pub")).problems == []
+            assert seal_check.check(conn, public_key=seals.load_public_key(tmp_path / "k.pub")).problems == []
     finally:
         engine.dispose()
         other.dispose()
@@ -636,45 +629,42 @@ def _changed(row: dict, field: str, draw) -> dict:
     return row
 
 
-@pytest.mark.parametrize(("kind", "examples"), [
-    pytest.param("sqlite", 10, id="sqlite"),
-    pytest.param("postgresql", 3, id="postgresql", marks=pytest.mark.postgres),
-])
-def test_any_one_row_changed_under_a_seal_is_found(kind, examples, request, tmp_path):
-    _require(kind, request)
-    run("keygen", tmp_path / "k")
-    key, pub = seals.load_private_key(tmp_path / "k"), tmp_path / "k.pub"
+@pytest.fixture(scope="module")
+def seal_keys(tmp_path_factory):
+    """A key pair for the property test below (made once): (private key, public key file)."""
+    directory = tmp_path_factory.mktemp("keys")
+    run("keygen", directory / "k")
+    return seals.load_private_key(directory / "k"), directory / "k.pub"
 
-    @settings(max_examples=examples, **PROPERTY)
-    @given(stream(), st.data())
-    def check(generated, draw):
-        lines, batches = generated
-        sealed_after = draw.draw(st.lists(st.booleans(), min_size=len(batches), max_size=len(batches)))
-        sealed_after[-1 if not any(sealed_after) else 0] = True
-        with fresh_store(kind) as engine, tempfile.TemporaryDirectory() as tmp:
-            url = engine.url.render_as_string(hide_password=False)
-            witness = Path(tmp) / "w.jsonl"
-            start, last_sealed = 0, 0
-            for (end, source, _), seal_now in zip(batches, sealed_after, strict=True):
-                feed(engine, lines[start:end], source=source, file_name=f"batch-{start}")
-                start = end
-                if seal_now and draw.draw(st.booleans()):
-                    last_sealed = seals.seal(engine, key, witness).seq
-                elif seal_now:
-                    last_sealed = seals.seal(engine, key).seq  # (the seals table only)
-            if not witness.exists():
-                witness.write_text("")
-            seq = draw.draw(st.integers(1, last_sealed))
-            field = draw.draw(st.sampled_from(FIELDS))
-            with behind_the_back(url) as conn:
-                rows = log_of(conn)
-                rows[seq - 1] = changed = _changed(rows[seq - 1], field, draw.draw)
-                rewrite_log(conn, rows)
-            result = run("verify", "--db", url, "--witness", witness, "--public-key", pub, ok=None)
-            assert result.exit_code == 1, (field, changed, result.output)
-            assert result.output.startswith("seals BROKEN: seal "), result.output
 
-    check()
+@on_both_engines(stream(), st.data(), sqlite=10, postgresql=3)
+def test_any_one_row_changed_under_a_seal_is_found(engine_kind, seal_keys, generated, draw):
+    key, pub = seal_keys
+    lines, batches = generated
+    sealed_after = draw.draw(st.lists(st.booleans(), min_size=len(batches), max_size=len(batches)))
+    sealed_after[-1 if not any(sealed_after) else 0] = True
+    with fresh_store(engine_kind) as engine, tempfile.TemporaryDirectory() as tmp:
+        url = engine.url.render_as_string(hide_password=False)
+        witness = Path(tmp) / "w.jsonl"
+        start, last_sealed = 0, 0
+        for (end, source, _), seal_now in zip(batches, sealed_after, strict=True):
+            feed(engine, lines[start:end], source=source, file_name=f"batch-{start}")
+            start = end
+            if seal_now and draw.draw(st.booleans()):
+                last_sealed = seals.seal(engine, key, witness).seq
+            elif seal_now:
+                last_sealed = seals.seal(engine, key).seq  # (the seals table only)
+        if not witness.exists():
+            witness.write_text("")
+        seq = draw.draw(st.integers(1, last_sealed))
+        field = draw.draw(st.sampled_from(FIELDS))
+        with behind_the_back(url) as conn:
+            rows = log_of(conn)
+            rows[seq - 1] = changed = _changed(rows[seq - 1], field, draw.draw)
+            rewrite_log(conn, rows)
+        result = run("verify", "--db", url, "--witness", witness, "--public-key", pub, ok=None)
+        assert result.exit_code == 1, (field, changed, result.output)
+        assert result.output.startswith("seals BROKEN: seal "), result.output
 
 
 # -- keys ----------------------------------------------------------------------------------------

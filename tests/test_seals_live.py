@@ -31,8 +31,9 @@ from test_gws_ingest import (
     wait_rows,
 )
 
-from store import seals
-from store.db import StoreError, open_store
+from store import seal_check, seals
+from store.db import open_store
+from store.errors import StoreError
 from store.ingest.config import SealingConfig, SessionConfig, load_config, load_sealing
 from store.ingest.service import Ingestor
 from store.schema import event_log
@@ -203,7 +204,7 @@ def test_a_failing_witness_is_retried_shown_in_health_and_never_stops_ingest(com
     assert witness_seals(witness) == made
     engine = open_store(db_url)
     with engine.connect() as conn:
-        report = seals.check(conn, witness, seals.load_public_key(public))
+        report = seal_check.check(conn, witness, seals.load_public_key(public))
     engine.dispose()
     assert report.problems == [] and report.last_valid == made[-1]
 
@@ -231,7 +232,7 @@ def test_a_witness_or_key_that_cannot_be_used_stops_ingest_before_any_session(co
                                  env=clean_env(SEAL_TEST_PW="pw"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True) for extra, _ in cases]
     try:
-        for child, (extra, error) in zip(children, cases):
+        for child, (extra, error) in zip(children, cases, strict=True):
             out, _ = child.communicate(timeout=30)
             assert child.returncode in (1, 2) and error in out, (extra, out)
     finally:

@@ -23,9 +23,11 @@ import aiohttp
 import pytest
 from cometd_server import DEADLINE, Recorder, eventually
 
-from store.ingest.bayeux import BayeuxClient, BayeuxError
-from store.gws_simulator import CSRF_ERROR, GwsSimulator
-from store.simulate import CHANNEL, Simulator
+from store.gws_protocol import CHANNEL, CSRF_ERROR
+from store.gws_simulator import GwsSimulator
+from store.ingest.bayeux import BayeuxClient
+from store.ingest.bayeux_transport import BayeuxError
+from store.simulate import Simulator
 
 PASSWORD = "s3cret"
 HANDSHAKE = {"channel": "/meta/handshake", "version": "1.0", "supportedConnectionTypes": ["long-polling"]}

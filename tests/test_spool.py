@@ -44,8 +44,8 @@ def started(session: str, n: int, source: str = "agent-1") -> Entry:
 
 def refs(engine) -> list:
     with engine.connect() as conn:
-        return [(r["kind"], json.loads(r["payload"]).get("data", {}).get("referenceId") or json.loads(r["payload"]).get("event"))
-                for r in log_rows(conn)]
+        payloads = [(r["kind"], json.loads(r["payload"])) for r in log_rows(conn)]
+    return [(kind, p.get("data", {}).get("referenceId") or p.get("event")) for kind, p in payloads]
 
 
 @contextlib.contextmanager

@@ -32,7 +32,8 @@ def test_sqlite_utils_exports_tables_and_queries(tmp_path):
         [SQLITE_UTILS, "rows", str(path), "workitems", "--csv"], check=True, capture_output=True, text=True).stdout)))
     assert rows and set(rows[0]) >= {"workitem_id", "state", "capabilities", "first_seq"}
     summary = json.loads(subprocess.run(
-        [SQLITE_UTILS, "query", str(path), "SELECT source, SUM(requests) AS n FROM request_outcome_summary GROUP BY source"],
+        [SQLITE_UTILS, "query", str(path),
+         "SELECT source, SUM(requests) AS n FROM request_outcome_summary GROUP BY source"],
         check=True, capture_output=True, text=True).stdout)
     assert {row["source"] for row in summary} == {"agent-001", "agent-002", "agent-003"}
     assert all(row["n"] > 0 for row in summary)

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..db import StoreError
+from ..gws_protocol import NOTIFICATIONS_PATH
 from ..notifications import MAX_KEY_BYTES
+from ..seals import Sealing
 
-NOTIFICATIONS_PATH = "/api/v2/notifications"
 MAX_SOURCE_BYTES = 256  # leaves room in a session id for the instance and the session number
 # Keys a session may set in the config file, each also allowed at the top level as the default.
 CONNECTION_KEYS = ("gws_url", "ca_file", "client_cert", "client_key", "proxy", "notifications_path")
@@ -103,6 +104,36 @@ def password_from_env(var: str, where: str = "") -> str:
     if not value:
         raise StoreError(f"environment variable {var} is not set or empty{where}")
     return value
+
+
+def load_sessions(config_path: str | Path | None, *, gws_url: str | None = None, user: str | None = None,
+                  password_env: str | None = None, source: str | None = None,
+                  **connection: str | None) -> list[SessionConfig]:
+    """The sessions of `ingest`: those of the config file ``config_path`` (with ``gws_url`` and
+    ``connection``, i.e. ca_file, client_cert, client_key, proxy, notifications_path, as the
+    defaults), else the one session of ``user`` whose password is in ``password_env``.  Each
+    session's TLS settings are checked now: StoreError names a CA file or client certificate
+    that cannot be used, before any session starts."""
+    if config_path:
+        sessions = load_config(config_path, gws_url=gws_url, **connection)
+    else:
+        if not (gws_url and user and password_env):
+            raise StoreError("a session needs a GWS URL, a user and the variable holding its password")
+        path = connection.pop("notifications_path", None) or NOTIFICATIONS_PATH
+        sessions = [SessionConfig(gws_url, user, password_from_env(password_env), source, notifications_path=path,
+                                  **connection)]
+    for session in sessions:
+        session.ssl_context()
+    return sessions
+
+
+def load_sealing_options(config_path: str | Path | None, seal_key: str | None = None, witness: str | None = None,
+                         seal_every: float | None = None) -> Sealing | None:
+    """The sealing of `ingest`: the options (and environment variables) win over the config
+    file's keys (``load_sealing``); without a key anywhere, None: nothing is sealed."""
+    in_file = load_sealing(config_path) if config_path else SealingConfig()
+    return Sealing.configured(seal_key or in_file.seal_key, witness or in_file.witness,
+                              seal_every or in_file.seal_every)
 
 
 def load_config(path: str | Path, **defaults: str | None) -> list[SessionConfig]:

@@ -1,12 +1,16 @@
 """Importing JSONL files (or standard input) into the event log.
 
-The only writer of ``imported_files``.  A file is imported together with its ``imported_files``
-record.  Up to COMMIT_LINES lines / COMMIT_BYTES bytes that is one transaction: the file is in
-the log whole or not at all.  A larger file commits every COMMIT_LINES lines or COMMIT_BYTES
-bytes, so that the SQLite WAL (and a PostgreSQL transaction) stays bounded; until the last
-step commits, its record says ``complete`` false and ``resume_offset`` (the bytes of the file
-in the log), and importing the same file again resumes there (docs/RULES.md 7).  Standard
-input cannot resume: it is always one transaction.
+The only writer of ``imported_files``.  Files and streams compressed with gzip, bzip2 or xz are
+read transparently (told by their first bytes: ingest/file_input.py); a file or stream most of
+whose first lines are not text is refused unless ``force`` (see ``import_stream``).
+
+A file is imported together with its ``imported_files`` record. Up to COMMIT_LINES lines /
+COMMIT_BYTES bytes that is one transaction: the file is in the log whole or not at all. A larger
+file commits every COMMIT_LINES lines or COMMIT_BYTES bytes, so that the SQLite WAL (and a
+PostgreSQL transaction) stays bounded; until the last step commits, its record says ``complete``
+false and ``resume_offset`` (the bytes of the file in the log), and importing the same file
+again resumes there (docs/RULES.md 7). Standard input cannot resume: it is always one
+transaction.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from typing import BinaryIO
 
 from sqlalchemy import Engine, select
 
-from .. import log
-from ..db import StoreError, collections_postponed, write_transaction
+from .. import locks, log
+from ..bulk import collections_postponed
+from ..db import write_transaction
+from ..errors import StoreError
 from ..notifications import MAX_KEY_BYTES, Notification, decode_text, parse_line, too_long, unreadable
 from ..schema import imported_files
+from .file_input import EmptyFile, IsDirectory, NoSuchFile, check_text, decompressing, lines_of, open_input
 
 BATCH_LINES = 20_000
 BATCH_BYTES = 64 << 20  # a batch also ends after this many bytes (lines can be 50 MB each)
@@ -73,12 +80,13 @@ def decode_line(raw: bytes) -> Notification | None:
     return parse_line(line)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def content_sha256(stream: BinaryIO) -> tuple[str, int]:
+    """(sha256, size) of what ``stream`` reads from where it is to its end."""
+    digest, size = hashlib.sha256(), 0
+    for block in iter(lambda: stream.read(1 << 20), b""):
+        digest.update(block)
+        size += len(block)
+    return digest.hexdigest(), size
 
 
 def _earlier_import(conn, sha256: str, file_name: str, resume: bool):
@@ -95,10 +103,10 @@ def _earlier_import(conn, sha256: str, file_name: str, resume: bool):
     return rows[-1] if rows and resume else None
 
 
-def _batches(stream: BinaryIO, digest) -> Iterator[list[bytes]]:
+def _batches(lines: Iterable[bytes], digest) -> Iterator[list[bytes]]:
     batch: list[bytes] = []
     size = 0
-    for raw in stream:
+    for raw in lines:
         digest.update(raw)
         batch.append(raw)
         size += len(raw)
@@ -113,18 +121,32 @@ class ConcurrentImport(StoreError):
     pass
 
 
-def import_stream(engine: Engine, stream: BinaryIO, *, file_name: str, source: str,
+def import_stream(engine: Engine, stream: BinaryIO | Iterable[bytes], *, file_name: str, source: str,
                   progress: Callable[[int], None] | None = None, refuse_sha256: str | None = None,
-                  resumable_sha256: str | None = None) -> ImportResult:
+                  resumable_sha256: str | None = None, force: bool = False) -> ImportResult:
     """Append every line of ``stream`` and record the import (see the module docstring).
 
+    ``stream`` is read decompressed when it is gzip, bzip2 or xz (told by its first bytes; for
+    standard input too).  Unless ``force``, it is refused (NotText, before anything is stored)
+    when more than half of the lines in its first 64 KiB are not UTF-8 or hold a NUL byte.
     Lines without an envelope get ``source`` and the time they were read as ``received_at``.
     ``progress`` is called with the bytes consumed by each batch.  ``refuse_sha256``: raise
     AlreadyImported if a file with that content was imported before (checked with the log's
     write lock held, so two concurrent imports of one file cannot both pass); an incomplete
     import of it is resumed.  ``resumable_sha256``: the content's sha256, known beforehand, for
     a seekable stream: the import may then commit in steps (none given: one transaction).
+    Both are of the decompressed content, as is the sha256 recorded.
     """
+    opened, compression, seekable = open_input(stream)
+    if not force:
+        opened = check_text(opened, file_name, compression, seekable)
+    return _import(engine, opened, compression, file_name=file_name, source=source, progress=progress,
+                   refuse_sha256=refuse_sha256, resumable_sha256=resumable_sha256)
+
+
+def _import(engine: Engine, stream: BinaryIO, compression: str | None, *, file_name: str, source: str,
+            progress: Callable[[int], None] | None, refuse_sha256: str | None,
+            resumable_sha256: str | None) -> ImportResult:
     if too_long(source):
         raise StoreError(f"source {source[:40]!r}... is longer than {MAX_KEY_BYTES} bytes")
     result = ImportResult(file_name)
@@ -140,15 +162,18 @@ def import_stream(engine: Engine, stream: BinaryIO, *, file_name: str, source: s
         # statement objects hold reference cycles (and the ids of their IN lists), freed once it
         # resumes; postponed for a whole 5M-line import they added 300 MB.
         with collections_postponed(), write_transaction(engine) as conn:
-            log.lock_for_append(conn)
+            locks.lock_for_append(conn)
             if batches is None:  # the first step: refuse, or resume
                 if refuse_sha256 is not None:
                     record = _earlier_import(conn, refuse_sha256, file_name, resumable_sha256 is not None)
                 if record is not None:
                     offset = result.resumed_at = record.resume_offset
                     earlier = record.rows
-                    stream.seek(offset)
-                batches = _batches(stream, digest)
+                    with decompressing(file_name, compression):
+                        stream.seek(offset)  # compressed: decompressed again up to there
+                batches = _batches(lines_of(stream, file_name, compression), digest)
+            elif record is None:
+                raise AssertionError("a later step without the record of the first")
             elif conn.execute(select(imported_files.c.resume_offset)
                               .where(imported_files.c.id == record.id)).scalar_one() != offset:
                 raise ConcurrentImport(f"{file_name} is being imported by another process as well: this one "
@@ -214,17 +239,58 @@ def _record(conn, record, result: ImportResult, earlier: int, offset: int, compl
     return conn.execute(select(imported_files).where(c.id == record_id)).one()
 
 
-def import_file(engine: Engine, path: Path, *, source: str | None = None, again: bool = False,
-                progress: Callable[[int], None] | None = None) -> ImportResult:
-    """Import one JSONL file; refuses a file already imported (same sha256) unless ``again``."""
+def import_file(engine: Engine, path: str | Path, *, source: str | None = None, again: bool = False,
+                progress: Callable[[int], None] | None = None, force: bool = False) -> ImportResult:
+    """Import one JSONL file, plain or compressed (gzip, bzip2, xz: told by its first bytes).
+
+    Refused, each with its own StoreError: a missing file (NoSuchFile), a directory
+    (IsDirectory), an empty one (EmptyFile: nothing to import, whatever was imported before),
+    one that is not text (NotText, unless ``force``: see ``import_stream``), one whose content
+    was imported before (AlreadyImported, unless ``again``).
+
+    The sha256 recorded and compared is that of the decompressed content (what ``zcat FILE |
+    sha256sum`` prints): the same capture imported plain and compressed is the same content.
+    ``resume_offset`` counts decompressed bytes too; resuming a compressed file decompresses it
+    again from its beginning up to that offset (gzip, bzip2 and xz cannot seek), appending
+    nothing twice.  ``progress`` is told the bytes of the file itself (compressed) consumed.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsDirectory(f"{path} is a directory")
+    if not path.exists():
+        raise NoSuchFile(f"{path}: no such file")
     try:
-        sha256 = file_sha256(path)
+        raw = path.open("rb")
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
-    with path.open("rb") as stream:
-        return import_stream(engine, stream, file_name=path.name, source=source or f"file:{path.name}",
-                             progress=progress, refuse_sha256=None if again else sha256,
-                             resumable_sha256=sha256)
+    with raw:
+        try:
+            stream, compression, _ = open_input(raw)
+            if not force:
+                stream = check_text(stream, str(path), compression, True)
+            with decompressing(str(path), compression):
+                sha256, size = content_sha256(stream)
+                stream.seek(0)
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        if size == 0:
+            raise EmptyFile(f"{path} is empty: nothing to import")
+        if compression is not None and progress is not None:
+            progress = _raw_progress(raw, progress)
+        return _import(engine, stream, compression, file_name=path.name, source=source or f"file:{path.name}",
+                       progress=progress, refuse_sha256=None if again else sha256, resumable_sha256=sha256)
+
+
+def _raw_progress(raw: BinaryIO, progress: Callable[[int], None]) -> Callable[[int], None]:
+    """``progress`` told the compressed bytes read so far instead of the decompressed ones."""
+    told = 0
+
+    def report(_decompressed: int) -> None:
+        nonlocal told
+        now = raw.tell()
+        progress(now - told)
+        told = now
+    return report
 
 
 def import_lines(engine: Engine, lines: Iterable[str], *, source: str, file_name: str = "lines") -> ImportResult:

@@ -1,10 +1,10 @@
 """One GWS user's workitem notifications into the log, with the record of where some may be missing.
 
 A GWS session is a Bayeux client (``ingest/bayeux.py``) at ``<gws-url>/api/v2/notifications``
-subscribed to ``/v2/me/workitems``, with HTTP Basic auth, its own cookies (``JSESSIONID``,
-``BAYEUX_BROWSER``) and, where the server enables it, a CSRF token: ``GET /api/v2/me`` answers
-``X-CSRF-HEADER: <header name>`` and ``X-CSRF-TOKEN: <value>``, sent on every POST from then
-on; a 403 "Missing or invalid Csrf token" fetches it again and retries.
+subscribed to ``/v2/me/workitems``, over the user's own HTTP (``ingest/gws_http.py``: Basic
+auth, cookies, TLS, proxy and, where the server enables it, the CSRF token).  Where it connects
+is ``ingest/config.py``; how entries become durable, ``ingest/writer.py``; the counters kept
+here (SessionStats) are what ``/metrics`` reports (``ingest/metrics.py``).
 
 What it hands to the writer (``ingest/writer.py``), in the order things happen:
 
@@ -35,20 +35,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from yarl import URL
 
+from ..gws_protocol import CHANNEL, SNAPSHOT_PATH
 from ..notifications import NOTIFICATION, SESSION, SNAPSHOT, UNSTORABLE_CHARS, decode_text, epoch_text
-from .bayeux import BayeuxClient, SessionEvent, basic_authorization, request_options, tls_problem
+from .bayeux import BayeuxClient
+from .bayeux_events import SessionEvent
+from .bayeux_transport import tls_problem
 from .config import SessionConfig
+from .gws_http import GwsHttp
 from .spool import Entry
 from .writer import DurableLog
 
 logger = logging.getLogger(__name__)
-
-CHANNEL = "/v2/me/workitems"
-ME_PATH = "/api/v2/me"
-WORKITEMS_PATH = "/api/v2/me/workitems?fields=*"
-CSRF_REFUSED = "csrf token"  # in the body of GWS's 403 "Missing or invalid Csrf token"
 
 
 @dataclass
@@ -62,7 +60,6 @@ class SessionStats:
     snapshots: int = 0
     snapshot_failures: int = 0
     not_durable: int = 0  # batches refused (spool full): not acknowledged
-    csrf_fetches: int = 0
 
 
 def storable(value: Any) -> Any:
@@ -102,18 +99,11 @@ class GwsSession:
         self._sessions = 0
         self._next_at = dt.datetime.min.replace(tzinfo=dt.UTC)
         self._stopped = False
-        self._csrf: dict[str, str] = {}
-        self._ssl = config.ssl_context()
-        self._request_options = request_options(self._ssl, config.proxy)
-        # A cookie jar per GWS session (JSESSIONID, BAYEUX_BROWSER), accepting cookies from IP
-        # hosts; trust_env: HTTPS_PROXY, HTTP_PROXY and NO_PROXY apply unless proxy is given.
         # Made here, so construct sessions inside the event loop; closed by run()/stop().
-        self._http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True), trust_env=True)
-        self._authorization = basic_authorization((config.user, config.password))
-        self.client = BayeuxClient(config.notifications_url, [CHANNEL], self._on_batch, session=self._http,
-                                   auth=(config.user, config.password), headers=lambda: self._csrf,
-                                   on_http_error=self._on_http_error, on_event=self._on_event,
-                                   ssl=self._ssl, proxy=config.proxy, **client_options)
+        self.http = GwsHttp(config)
+        self.client = BayeuxClient(config.notifications_url, [CHANNEL], self._on_batch, on_event=self._on_event,
+                                   **self.http.client_options(), **client_options)
+        self.http.network_delay = self.client.network_delay
 
     @property
     def source(self) -> str:
@@ -125,7 +115,7 @@ class GwsSession:
         certificate not accepted, reconnect advice none)."""
         try:
             if not self._stopped:
-                await self._fetch_csrf()
+                await self.http.fetch_csrf()
             if not self._stopped:
                 await self.client.run()
         finally:
@@ -135,7 +125,7 @@ class GwsSession:
         """Let a running append finish, send /meta/disconnect ("ended"), end ``run()``."""
         self._stopped = True
         await self.client.stop()
-        await self._http.close()
+        await self.http.close()
 
     # -- what goes to the log -------------------------------------------------------------------
 
@@ -160,8 +150,8 @@ class GwsSession:
             logger.exception("GWS %s: the %s marker could not be stored", self.source, event)
 
     async def _on_event(self, event: SessionEvent) -> None:
-        times = {"handshake_at": event.handshake_at, "since": event.since}
-        times = {k: epoch_text(v) for k, v in times.items() if v}
+        instants = {"handshake_at": event.handshake_at, "since": event.since}
+        times = {k: epoch_text(v) for k, v in instants.items() if v}
         common = {"client_id": event.client_id, "ack": event.ack, "cause": event.cause, **times}
         if event.kind == "started":
             self._sessions += 1
@@ -186,7 +176,7 @@ class GwsSession:
         at = time.time()
         failure: dict[str, Any] | None = None
         try:
-            status, _, body = await self._get(WORKITEMS_PATH, self.snapshot_timeout)
+            status, _, body = await self.http.get(SNAPSHOT_PATH, self.snapshot_timeout)
         except aiohttp.ClientSSLError as exc:
             failure = {"error": tls_problem(exc)}
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -201,7 +191,7 @@ class GwsSession:
         self.stats.snapshot_failures += 1
         logger.warning("GWS %s: reading the current workitems failed (%s): what happened while no "
                        "session listened is not reconciled", self.source, failure)
-        await self._mark("snapshot-failed", at, path=WORKITEMS_PATH, **failure)
+        await self._mark("snapshot-failed", at, path=SNAPSHOT_PATH, **failure)
 
     async def _on_batch(self, batch: list[tuple[dict, str]]) -> None:
         self.stats.received += len(batch)
@@ -219,41 +209,6 @@ class GwsSession:
             self.stats.appended += result.appended
             self.stats.duplicates += result.duplicates
             self.stats.quarantined += result.quarantined
-
-    # -- HTTP: CSRF ---------------------------------------------------------------------------
-
-    async def _fetch_csrf(self) -> None:
-        try:
-            status, headers, _ = await self._get(ME_PATH, self.client.network_delay)
-        except aiohttp.ClientSSLError:
-            return  # the Bayeux client meets the same error and stops, saying why
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            logger.warning("GWS %s (%s): GET %s failed: %s", self.source, self.config.user, ME_PATH, exc)
-            return
-        self.stats.csrf_fetches += 1
-        header, token = headers.get("X-CSRF-HEADER"), headers.get("X-CSRF-TOKEN")
-        if status == 200 and header and token:
-            self._csrf = {header: token}
-            logger.info("GWS %s: CSRF token received (header %s)", self.source, header)
-        elif status not in (200, 404):  # 404: a server without /api/v2/me (no CSRF either)
-            logger.warning("GWS %s: GET %s answered HTTP %d", self.source, ME_PATH, status)
-
-    async def _get(self, path: str, timeout: float):
-        """GET a GWS resource as this user: (status, headers, body); aiohttp's errors raise."""
-        async with self._http.get(URL(self.config.url(path), encoded=True),  # keeps "fields=*" as it is
-                                  headers={"Authorization": self._authorization},
-                                  timeout=aiohttp.ClientTimeout(total=timeout), **self._request_options) as response:
-            return response.status, response.headers, await response.read()
-
-    async def _on_http_error(self, status: int, body: str) -> bool:
-        if status == 403 and CSRF_REFUSED in body.lower():
-            logger.info("GWS %s: CSRF token refused; fetching a new one", self.source)
-            await self._fetch_csrf()
-            return True
-        if status == 401:
-            logger.error("GWS %s: HTTP 401: user %s was refused (check the password)", self.source,
-                         self.config.user)
-        return False
 
     # -- status ---------------------------------------------------------------------------------
 

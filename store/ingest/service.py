@@ -1,10 +1,10 @@
 """Live ingest as a service: every GWS session of one process, the writer and its spool, the
-projector, and the health and metrics endpoints.
+projector, the sealer, and the health of it all; ``run`` is the whole service until a signal.
 
-``/healthz`` answers 200 only when every session is connected (or deliberately stopped) and the
-log is writable, else 503; its JSON body says which session or component is unhealthy and since
-when.  It never waits for the database: it reports what the writer, the probe and the projector
-last saw.  ``/metrics`` is the Prometheus text format.
+``/healthz`` (served by ``metrics``) answers 200 only when every session is connected (or
+deliberately stopped) and the log is writable, else 503; its JSON body (``Ingestor.health``)
+says which session or component is unhealthy and since when.  It never waits for the database:
+it reports what the writer, the probe and the projector last saw.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
-import json
 import logging
-import math
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from sqlalchemy import Engine
 from ..notifications import epoch_text
 from ..projections import runner
 from ..seals import Seal, SealError, Sealing
+from . import metrics
 from .config import SessionConfig
 from .gws import GwsSession
 from .spool import Entry, Spool
@@ -45,19 +46,6 @@ def default_spool_root(engine: Engine) -> Path:
         return Path(f"{engine.url.database}.spool")
     digest = hashlib.sha256(store_identity(engine).encode()).hexdigest()[:12]
     return Path("workitem-store-spool") / f"{engine.url.database or 'db'}-{digest}"
-
-
-# The per-source counters of /metrics: (metric name after workitem_store_, help, SessionStats field).
-SESSION_COUNTERS = (
-    ("notifications_received_total", "Notifications received from GWS (redeliveries included).", "received"),
-    ("notifications_stored_total", "Notifications made durable (log or spool) and so acknowledged.", "stored"),
-    ("notifications_appended_total", "Notification rows appended to event_log.", "appended"),
-    ("notifications_duplicate_total", "Appended rows marked duplicate.", "duplicates"),
-    ("notifications_quarantined_total", "Appended rows quarantined.", "quarantined"),
-    ("batches_not_durable_total", "Batches refused because the spool was full (not acknowledged).", "not_durable"),
-    ("snapshots_total", "Workitem snapshots stored.", "snapshots"),
-    ("snapshot_failures_total", "Workitem snapshots that could not be read.", "snapshot_failures"),
-)
 
 
 class Ingestor:
@@ -133,15 +121,17 @@ class Ingestor:
         """Follow every session until stop() or until each has ended by itself; returns the
         sessions that ended with an error, as (source, error)."""
         if self.metrics_port is not None:
-            await self._start_metrics()
+            await self._start_metrics(self.metrics_port)
         self.writer.start()
         projector = asyncio.create_task(self._projector(), name="projector") if self.project else None
-        sealer = asyncio.create_task(self._sealer(), name="sealer") if self.sealing else None
+        sealing = self.sealing
+        sealer = asyncio.create_task(self._sealer(sealing), name="sealer") if sealing else None
         tasks = [asyncio.create_task(s.run(), name=f"gws {s.source}") for s in self.sessions]
         stopping = asyncio.create_task(self._stopping.wait())
         all_done = asyncio.gather(*tasks, return_exceptions=True)
+        either: list[asyncio.Future[Any]] = [stopping, all_done]
         try:
-            await asyncio.wait([stopping, all_done], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         finally:
             # Also when cancelled: the sessions end (their "ended" markers written) before the writer.
             stopping.cancel()
@@ -152,11 +142,11 @@ class Ingestor:
             if projector is not None:
                 await projector
                 await self._project_once()  # the final flush
-            if sealer is not None:
+            if sealing is not None and sealer is not None:
                 await sealer
-                await self._seal_once(final=True)  # after the last write: covers everything stored
+                await self._seal_once(sealing, final=True)  # after the last write: covers everything stored
             await self._stop_metrics()
-        return [(s.source, r) for s, r in zip(self.sessions, results) if isinstance(r, BaseException)]
+        return [(s.source, r) for s, r in zip(self.sessions, results, strict=True) if isinstance(r, BaseException)]
 
     # -- the projector --------------------------------------------------------------------------
 
@@ -205,24 +195,24 @@ class Ingestor:
 
     # -- the sealer -------------------------------------------------------------------------------
 
-    async def _sealer(self) -> None:
+    async def _sealer(self, sealing: Sealing) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._stopping.wait(), self.sealing.every)
+                await asyncio.wait_for(self._stopping.wait(), sealing.every)
                 return
             except TimeoutError:
                 pass
-            await self._seal_once()
+            await self._seal_once(sealing)
 
-    async def _seal_once(self, final: bool = False) -> bool:
+    async def _seal_once(self, sealing: Sealing, final: bool = False) -> bool:
         try:
-            made = await asyncio.to_thread(self.sealing.seal, self.engine)
+            made = await asyncio.to_thread(sealing.seal, self.engine)
         except Exception as exc:  # noqa: BLE001 - the log is safe; the next interval tries again
             error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if final:
                 logger.error("the last seal failed: %s (seal by hand: `workitem-store seal`)", error)
             elif error != self.seal_error:
-                logger.error("sealing failed: %s; trying again in %g s", error, self.sealing.every)
+                logger.error("sealing failed: %s; trying again in %g s", error, sealing.every)
             if self.seal_error is None:
                 self.seal_failing_since = epoch_text(time.time())
             self.seal_error = error
@@ -248,7 +238,7 @@ class Ingestor:
         status, now = self.writer.status, time.time()
         unhealthy = []
         sessions = [s.summary() for s in self.sessions]
-        for s, summary in zip(self.sessions, sessions):
+        for s, summary in zip(self.sessions, sessions, strict=True):
             if summary["state"] in ("connecting", "failed"):
                 reason = summary["error"] or (
                     f"not connected ({s.client.failures} failures)" if s.client.handshakes else "not connected yet")
@@ -294,86 +284,9 @@ class Ingestor:
             "sessions": sessions,
         }
 
-    def metrics_text(self) -> str:
-        """The Prometheus text exposition format (version 0.0.4)."""
-        health, now = self.health(), time.time()
-        lines: list[str] = []
-
-        def family(name: str, kind: str, help_text: str, samples) -> None:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-            for labels, value in samples:
-                text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
-                lines.append(f"{name}{{{text}}} {_number(value)}" if text else f"{name} {_number(value)}")
-
-        def per_source(get):
-            return [({"source": s.source}, get(s)) for s in self.sessions]
-
-        def single(value):
-            return [] if value is None else [({}, value)]
-
-        p = "workitem_store_"
-        for name, help_text, field in SESSION_COUNTERS:
-            family(p + name, "counter", help_text, per_source(lambda s, f=field: getattr(s.stats, f)))
-        family(p + "handshakes_total", "counter", "Bayeux handshakes.", per_source(lambda s: s.client.handshakes))
-        family(p + "reconnects_total", "counter",
-               "Sessions or connections re-established after a loss.", per_source(lambda s: s.client.reconnects))
-        family(p + "connected", "gauge", "1 while the session's last /meta/connect succeeded.",
-               per_source(lambda s: int(s.client.connected)))
-        family(p + "connection_state_seconds", "gauge",
-               "Seconds since the session's connection state (connected or not) last changed.",
-               per_source(lambda s: now - s.client.connected_since))
-        family(p + "last_message_age_seconds", "gauge", "Seconds since the session last received a message.",
-               [({"source": s.source}, now - s.client.last_message_at) for s in self.sessions
-                if s.client.last_message_at is not None])
-        log_, spool = health["log"], health["spool"]
-        family(p + "log_writable", "gauge", "1 while the log can be written.", single(int(log_["writable"])))
-        family(p + "seconds_since_last_commit", "gauge", "Seconds since the last successful commit to the log.",
-               single(log_["seconds_since_last_commit"]))
-        family(p + "log_head_seq", "gauge", "seq of the last event_log row seen.", single(log_["head_seq"]))
-        family(p + "spool_bytes", "gauge", "Bytes in the spool not yet in the log.", single(spool["bytes"]))
-        family(p + "spool_oldest_age_seconds", "gauge", "Age of the oldest spooled entry (0: none).",
-               single(spool["oldest_age_seconds"] or 0))
-        family(p + "projection_lag_rows", "gauge", "Log head minus the projections' checkpoint.",
-               single(health["projection"]["lag_rows"]))
-        family(p + "projection_errors", "gauge",
-               "Log rows the projections skipped (table projection_errors).",
-               single(health["projection"]["skipped_rows"]))
-        sealed = health["seals"] or {}  # (no samples when sealing is not configured)
-        family(p + "seals_total", "counter", "Seals of the log's head made by this process.",
-               single(sealed.get("made")))
-        family(p + "seal_failures_total", "counter", "Seals that failed (tried again at the next interval).",
-               single(sealed.get("failures")))
-        family(p + "seal_failing", "gauge", "1 while the last seal attempt failed.",
-               single(None if not sealed else int(sealed["error"] is not None)))
-        family(p + "last_seal_seq", "gauge", "seq of the log's head at the last seal made.",
-               single(sealed.get("last_seq")))
-        family(p + "seconds_since_last_seal", "gauge", "Seconds since the last seal made.",
-               single(sealed.get("seconds_since_last_seal")))
-        family(p + "healthy", "gauge", "1 when /healthz answers 200.", single(int(health["status"] == "ok")))
-        return "\n".join(lines) + "\n"
-
-    async def _start_metrics(self) -> None:
-        from aiohttp import web
-
-        async def healthz(_request):
-            body = self.health()
-            return web.json_response(body, status=200 if body["status"] == "ok" else 503,
-                                     dumps=lambda v: json.dumps(v, default=str))
-
-        async def metrics(_request):
-            return web.Response(text=self.metrics_text(), content_type="text/plain",
-                                headers={"X-Content-Type-Options": "nosniff"}, charset="utf-8")
-
-        app = web.Application()
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/metrics", metrics)
-        runner_ = web.AppRunner(app, access_log=None)
-        await runner_.setup()
-        site = web.TCPSite(runner_, self.metrics_host, self.metrics_port)
-        await site.start()
-        self._web = runner_
-        self.metrics_port = runner_.addresses[0][1]  # the real port when 0 was asked
+    async def _start_metrics(self, port: int) -> None:
+        self._web = await metrics.serve(self, self.metrics_host, port)
+        self.metrics_port = self._web.addresses[0][1]  # the real port when 0 was asked
         logger.info("metrics on http://%s:%d/metrics (health: /healthz)", self.metrics_host, self.metrics_port)
 
     async def _stop_metrics(self) -> None:
@@ -412,13 +325,36 @@ class TaskNameFilter(logging.Filter):
         return True
 
 
-def _escape_label(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+def configure_logging(verbose: bool = False) -> None:
+    """The service's log lines on standard error, each naming the session (task) it is about;
+    with ``verbose``, every appended batch too."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(TaskNameFilter())  # [gws <source>]: which session a line is about
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(task)s] %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    for noisy in ("aiohttp.access", "alembic", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _number(value: float) -> str:
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    return repr(round(float(value), 6))
+SessionErrors = list[tuple[str, BaseException]]  # (source, error) of the sessions that ended with one
+
+
+def run(engine: Engine, configs: list[SessionConfig], **options: Any) -> tuple[Ingestor, SessionErrors]:
+    """Run an Ingestor (``options``: its keyword arguments) in an event loop of its own until
+    SIGINT or SIGTERM (which stop it cleanly: sessions disconnected, what waits written, the
+    projections brought up to date) or until every session has ended by itself.
+
+    Returns the Ingestor (its sessions' counters, seals, spool) and the sessions that ended with
+    an error, as (source, error).
+    """
+    async def follow() -> tuple[Ingestor, SessionErrors]:
+        task = asyncio.current_task()
+        if task is not None:
+            task.set_name("ingest")
+        ingestor = Ingestor(engine, configs, **options)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, ingestor.stop)
+        return ingestor, await ingestor.run()
+
+    return asyncio.run(follow())

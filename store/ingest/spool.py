@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..db import StoreError
+from ..errors import StoreError
 from ..notifications import parse_timestamp, utc_text
 
 ENTRIES, DRAINED, SESSIONS, META, LOCK = "entries.jsonl", "drained", "sessions", "meta.json", "lock"

@@ -37,7 +37,9 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, func, select
 
 from .. import log
-from ..db import StoreError, collections_postponed, probe_writable, write_transaction
+from ..bulk import collections_postponed
+from ..db import probe_writable, write_transaction
+from ..errors import StoreError
 from ..notifications import (
     NOTIFICATION,
     SESSION,
@@ -218,8 +220,9 @@ class DurableLog:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
             task.add_done_callback(self._inflight.discard)
             return False
-        if task.exception() is not None:
-            self._unwritable(_describe(task.exception()))
+        failure = task.exception()
+        if failure is not None:
+            self._unwritable(_describe(failure))
             return False
         self._writable()
         for (entry, future), result in zip(wave, task.result(), strict=True):
@@ -336,14 +339,15 @@ class DurableLog:
             await asyncio.sleep(self.probe_interval)
             if self._spooling or self._waiting or self._committing:
                 continue  # the drain or the writer tells
-            if self.status.last_commit_at is not None and time.time() - self.status.last_commit_at < self.probe_interval:
+            last = self.status.last_commit_at
+            if last is not None and time.time() - last < self.probe_interval:
                 continue
             task = asyncio.get_running_loop().run_in_executor(self._db, probe_writable, self.engine)
             done, _ = await asyncio.wait({task}, timeout=max(3.0, self.probe_interval * 3))
             if not done:
                 self._unwritable("the database did not answer a write probe within 3 s")
-            elif task.exception() is not None:
-                self._unwritable(_describe(task.exception()))
+            elif (failure := task.exception()) is not None:
+                self._unwritable(_describe(failure))
             else:
                 self.status.head_seq = max(self.status.head_seq, task.result())
                 self._writable()

@@ -5,9 +5,11 @@ catch-up and rebuild.  The same ``apply`` rules serve incremental runs, rebuilds
 and in-memory reconstructions.
 """
 
+from .base import Projection
 from .capabilities import CapabilityHistory
 from .requests import RequestOutcomes
 from .transitions import WorkitemTransitions
 from .workitems import Workitems
 
-PROJECTIONS = (Workitems, WorkitemTransitions, CapabilityHistory, RequestOutcomes)
+# In this order: the workitems projection decides what each snapshot changes for the others.
+PROJECTIONS: tuple[type[Projection], ...] = (Workitems, WorkitemTransitions, CapabilityHistory, RequestOutcomes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -9,10 +10,8 @@ from sqlalchemy import Connection, Table
 
 from ..log import SNAPSHOT_EVENT, Event
 
-IN_CHUNK = 900  # keys per IN (...) list
 
-
-class Projection:
+class Projection(ABC):
     """Base of the four projections.
 
     ``state`` caches, per key, what the rules need to apply the next event.  ``complete`` means
@@ -37,9 +36,9 @@ class Projection:
         self.errors: list[dict] = []  # rows for projection_errors: events this projection skipped
         self.created = 0  # rows this instance added to its table (projection_checkpoints.rows)
 
+    @abstractmethod
     def key(self, event: Event) -> Any | None:
         """The state key a notification touches, or None when the projection ignores it."""
-        raise NotImplementedError
 
     def keys(self, event: Event) -> Iterable:
         """The state keys an event touches: a snapshot touches the workitems it reconciles."""
@@ -48,26 +47,30 @@ class Projection:
         key = self.key(event)
         return () if key is None else (key,)
 
+    @abstractmethod
     def load(self, conn: Connection, keys: set) -> None:
         """Put the table's current state for ``keys`` (none of them cached yet) into ``state``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def apply(self, event: Event) -> None:
-        raise NotImplementedError
+        """Apply one event (whose ``data`` is readable) to ``state``, noting what to write."""
 
+    @abstractmethod
     def flush(self, conn: Connection, final: bool) -> None:
         """Write what changed.  Not ``final``: rows that later events may still change can wait
         (each is then written once, not once per chunk); ``final``: write everything."""
-        raise NotImplementedError
 
+    @abstractmethod
     def rows(self) -> list[dict]:
-        raise NotImplementedError
+        """Every row of a complete in-memory run that never flushed."""
 
     def apply_all(self, conn: Connection | None, events: list[Event]) -> None:
         """Load missing state (unless complete), then apply ``events`` in order."""
         if not self.complete:
             missing = {k for event in events for k in self.keys(event) if k not in self.state}
             if missing:
+                if conn is None:
+                    raise ValueError(f"{self.name}: an incremental run reads its state from a connection")
                 self.load(conn, missing)
         for event in events:
             if event.data is None:
@@ -81,24 +84,3 @@ class Projection:
     def _skip(self, event: Event, error: str) -> None:
         """Record an event this projection cannot apply; projecting goes on (RULES.md 6.1)."""
         self.errors.append({"projection": self.name, "seq": event.seq, "error": error})
-
-
-def select_in(conn: Connection, query, columns, keys: Iterable) -> Iterable:
-    """Run ``query`` restricted to rows whose ``columns`` (one or two) equal one of ``keys``
-    (chunked), yielding rows.
-
-    Two-column keys are asked as ``a = ? AND b IN (...)``, once per distinct ``a``: both engines
-    then walk the (a, b) index.  A row-value ``(a, b) IN (...)`` made SQLite scan the whole
-    table for every batch, which made incremental projection quadratic in the log.
-    """
-    if len(columns) == 1:
-        groups = {(): list(keys)}
-    else:
-        groups = {}
-        for a, b in keys:
-            groups.setdefault((a,), []).append(b)
-    *fixed, target = columns
-    for values, in_list in groups.items():
-        where = [column == value for column, value in zip(fixed, values, strict=True)]
-        for i in range(0, len(in_list), IN_CHUNK):
-            yield from conn.execute(query.where(*where, target.in_(in_list[i : i + IN_CHUNK])))

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from sqlalchemy import bindparam, select
 
-from ..db import insert_rows
+from ..bulk import insert_rows
 from ..log import SNAPSHOT_EVENT
 from ..notifications import ERROR
+from ..reading import select_in
 from ..schema import capability_history as history
-from .base import Projection, select_in
+from .base import Projection
 from .workitems import capability_list
 
 

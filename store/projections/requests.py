@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from ..db import insert_rows
+from ..bulk import insert_rows
 from ..notifications import ERROR, as_text
+from ..reading import select_in
 from ..schema import request_outcomes as outcomes
-from .base import Projection, select_in
+from .base import Projection
 
 
 class RequestOutcomes(Projection):

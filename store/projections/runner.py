@@ -8,13 +8,15 @@ its checkpoint, and running again is always safe.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, delete, func, select, text
+from sqlalchemy import Connection, Engine, delete, func, select
 
 from .. import log
-from ..db import collections_postponed, insert_rows, write_transaction
+from ..bulk import collections_postponed, insert_rows
+from ..db import write_transaction
+from ..locks import lock_checkpoints
 from ..schema import projection_checkpoints as checkpoints
 from ..schema import projection_errors
 from . import PROJECTIONS
@@ -36,18 +38,13 @@ class ProjectResult:
 
 
 def _lock_checkpoints(conn: Connection) -> dict[str, tuple[int, int]]:
-    """Read checkpoints (name -> (last_seq, version)) with the projector's lock held.
-
-    PostgreSQL: a table lock on projection_checkpoints makes concurrent projectors take turns
-    (SQLite's BEGIN IMMEDIATE already did).
-    """
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("LOCK TABLE projection_checkpoints IN EXCLUSIVE MODE"))
+    """Read checkpoints (name -> (last_seq, version)) with the projectors' lock held."""
+    lock_checkpoints(conn)
     rows = conn.execute(select(checkpoints.c.projection, checkpoints.c.last_seq, checkpoints.c.version))
     return {name: (last_seq, version) for name, last_seq, version in rows}
 
 
-def _save_checkpoints(conn: Connection, projections: list[Projection], seq: int,
+def _save_checkpoints(conn: Connection, projections: Sequence[Projection], seq: int,
                       rows: dict[str, int] | None = None) -> None:
     """Each projection's checkpoint: ``seq``, its version and its table's row count (``rows``
     before this step, default 0, plus what the step added)."""
@@ -59,7 +56,7 @@ def _save_checkpoints(conn: Connection, projections: list[Projection], seq: int,
     ], replace=True)
 
 
-def _run(conn: Connection, projections: list[Projection], after_seq: int, upto_seq: int,
+def _run(conn: Connection, projections: Sequence[Projection], after_seq: int, upto_seq: int,
          progress: Progress | None, head_seq: int, source: Connection | None = None) -> int:
     """Apply the log rows after_seq < seq <= upto_seq (read from ``source``, default ``conn``)
     to ``projections``, writing to ``conn``; return the events applied."""
@@ -105,14 +102,15 @@ def project(engine: Engine, progress: Progress | None = None) -> ProjectResult:
     projection is recomputed from seq 1, together: the workitems projection decides what each
     snapshot changes for the others (projections/base.py), so they must advance in step.
     """
-    applied, start, rebuilt = 0, None, ()
+    applied, start = 0, None
+    rebuilt: tuple[str, ...] = ()
     while True:
         with write_transaction(engine) as conn:
             stored = _lock_checkpoints(conn)
             head_seq = log.head(conn)[0]
             points = [stored.get(cls.name, (0, cls.version)) for cls in PROJECTIONS]
             if len({seq for seq, _ in points}) > 1 or any(
-                    version != cls.version for (_, version), cls in zip(points, PROJECTIONS)):
+                    version != cls.version for (_, version), cls in zip(points, PROJECTIONS, strict=True)):
                 rebuilt = tuple(cls.name for cls in PROJECTIONS)
                 _reset(conn)
                 after = 0

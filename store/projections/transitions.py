@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from ..db import insert_rows
+from ..bulk import insert_rows
 from ..log import SNAPSHOT_EVENT
 from ..notifications import ERROR, as_text
+from ..reading import select_in
 from ..schema import workitem_transitions as transitions
-from .base import Projection, select_in
+from .base import Projection
 from .workitems import ABSENT
 
 

@@ -12,11 +12,12 @@ import json
 
 from sqlalchemy import or_, select
 
-from ..db import insert_rows
+from ..bulk import insert_rows
 from ..log import MAX_JSON_BYTES, SNAPSHOT_EVENT
 from ..notifications import ERROR, MAX_KEY_BYTES, as_text, snapshot_workitems, too_long
+from ..reading import select_in
 from ..schema import workitems
-from .base import Projection, select_in
+from .base import Projection
 
 # The state of a workitem that was open in the store, held by a source, and absent from that
 # source's snapshot: it ended (completed, rejected, revoked, transferred) while nobody listened.
@@ -71,8 +72,8 @@ class Workitems(Projection):
             # must be in state before it is applied.
             sources = {e.source for e in events if e.notification_type == SNAPSHOT_EVENT} - self._sources_loaded
             for source in sources:
-                query = select(workitems).where(workitems.c.source == source,
-                                                or_(workitems.c.state.is_(None), workitems.c.state.not_in(CLOSED_STATES)))
+                still_open = or_(workitems.c.state.is_(None), workitems.c.state.not_in(CLOSED_STATES))
+                query = select(workitems).where(workitems.c.source == source, still_open)
                 self._cache(row for row in conn.execute(query) if row.workitem_id not in self.state)
             self._sources_loaded |= sources
         super().apply_all(conn, events)
