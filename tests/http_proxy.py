@@ -28,7 +28,7 @@ the proxy connects to the target, but the reading thread may not have picked it 
 
 Usage::
 
-    from http_proxy import HttpProxy, http_proxy  # noqa: F401  (fixture)
+    from http_proxy import HttpProxy  # (the http_proxy fixture: conftest.py)
 
     async with session.get(url, proxy=http_proxy.url) as response: ...
     http_proxy.wait_for_target("127.0.0.1:8443")

@@ -5,7 +5,9 @@ package's console script on the PATH, except the commands that need a GWS or run
 (``ingest``, ``simulate-server``, ``project --follow``): their number is asserted, so a new
 command is never skipped unnoticed.  What a reader must supply is supplied, and nothing else:
 
-- ``postgresql://...`` is a fresh PostgreSQL database (made a store first, as a reader would);
+- ``postgresql://...`` is a database of a PostgreSQL server of this test alone (made a store
+  first, as a reader would): ``grant-readonly`` as written revokes CONNECT on every other
+  database of the server, which must not touch the server the other tests share;
 - ``/etc/workitem-store/`` and ``/mnt/worm/`` are directories under the test's folder;
 - ``more.jsonl`` (piped into ``import -``) holds the API reference's example notification, in an
   envelope received at 10:41 on the day the simulated stream starts: the audit examples find its
@@ -21,8 +23,6 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -60,8 +60,8 @@ def as_run_here(command: str, pg_url: str, tmp: Path) -> str:
             .replace("--events 100000", "--events 3000"))
 
 
-@pytest.mark.postgres
-def test_every_readme_command_runs_as_written(tmp_path, pg_url):
+def test_every_readme_command_runs_as_written(tmp_path, private_postgres):
+    pg_url = private_postgres.create_database("readme")
     commands = readme_commands()
     assert len(commands) > 20, "README.md's ```sh blocks were not found"
     (tmp_path / "etc").mkdir()
