@@ -234,3 +234,31 @@ def test_a_store_at_revision_0005_upgrades_to_seals(db_url, tmp_path):
                                   "--public-key", str(tmp_path / "k.pub")])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("seals ok: 1 seals, signatures checked, newest 1 at seq 7")
+
+
+def test_a_sealed_store_at_revision_0006_upgrades_with_its_seals(db_url, tmp_path):
+    """`workitem-store init` on a store of the version before workitem_summary (0006), sealed:
+    the seals still verify after the upgrade, and the new view answers."""
+    from helpers import run
+
+    from store.projections import runner
+
+    engine = open_store(db_url)
+    feed(engine, [bare(data(wid=f"w{i}", state="Processing")) for i in range(5)])
+    runner.project(engine)
+    engine.dispose()
+    run("keygen", tmp_path / "k")
+    witness = tmp_path / "w.jsonl"
+    run("seal", "--key", tmp_path / "k", "--witness", witness, "--db", db_url)
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0006")
+    assert "workitem_summary" not in inspect(engine).get_view_names()
+    engine.dispose()
+    assert "was 0006" in run("init", "--db", db_url).output
+    result = run("verify", "--db", db_url, "--witness", witness, "--public-key", tmp_path / "k.pub")
+    assert result.output.startswith("seals ok: 1 seals, signatures checked, newest 1 at seq 5")
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM workitem_summary")).scalar_one() == 5
+    engine.dispose()

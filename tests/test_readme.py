@@ -13,6 +13,10 @@ command is never skipped unnoticed.  What a reader must supply is supplied, and 
   envelope received at 10:41 on the day the simulated stream starts: the audit examples find its
   workitem ``03W0GH2KD56YV000`` as of 10:42; ``capture.jsonl`` holds it received again at 10:45;
 - ``--events 100000`` becomes ``--events 3000`` (the commands are the same; CI time is not).
+
+The README's first line ends in the demo, ``.venv/bin/workitem-store demo``: it runs as written in
+a directory whose ``.venv`` is this test's virtual environment, and the command its closing hint
+prints runs too, as printed.
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ EXAMPLE = {"received_at": "2026-11-02T10:41:00Z", "source": "agent7", "message":
     "id": "03W0GH2KD56YV000", "workitemType": "Inbound",
     "uri": "http://10.10.15.212:9090/api/v2/workitems/03W0GH2KD56YV000"},
     "referenceId": 8, "notificationType": "StatusChange", "messageType": "WorkitemStateChangeMessage"}}}
+
+
+def first_line_demo() -> str:
+    """The last command of the README's first line (after the venv is made and installed)."""
+    first = next(line.strip() for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("    "))
+    return first.split(" && ")[-1]
 
 
 def readme_commands() -> list[str]:
@@ -87,3 +97,22 @@ def test_every_readme_command_runs_as_written(tmp_path, private_postgres):
     assert len(skipped) == SKIPPED, skipped
     history = json.loads(sh("workitem-store history 03W0GH2KD56YV000 --json").stdout)
     assert [row["source"] for row in history][:1] == ["agent7"]  # what more.jsonl brought is found
+
+
+def test_the_demo_and_its_hint_run_as_printed(tmp_path):
+    demo = first_line_demo()
+    assert demo == ".venv/bin/workitem-store demo"
+    (tmp_path / ".venv").symlink_to(BIN.parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKITEM_STORE_")}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if Path(p) != BIN)  # as after line 1
+
+    def sh(command: str) -> str:
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (command, done.stdout, done.stderr)
+        return done.stdout
+
+    hint = sh(demo).strip().splitlines()[-1]
+    (command,) = re.findall(r"`([^`]+)`", hint)
+    assert command.startswith(".venv/bin/workitem-store status"), hint
+    assert "chain head" in sh(command)
