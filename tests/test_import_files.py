@@ -232,14 +232,3 @@ def test_a_missing_file_a_directory_and_an_empty_file_have_their_own_messages(en
             files.import_file(engine, empty)
         assert _refusal(excinfo) == f"{empty} is empty: nothing to import"
     assert _count(engine) == 0 and _records(engine) == []
-
-
-def test_an_unreadable_file_says_so(engine, tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root reads every file")
-    locked = tmp_path / "locked.jsonl"
-    locked.write_text('{"data": {}}\n')
-    locked.chmod(0)
-    with pytest.raises(StoreError) as excinfo:
-        files.import_file(engine, locked)
-    assert _refusal(excinfo) == f"cannot read {locked}: Permission denied"
