@@ -57,13 +57,14 @@ from .bench_steps import RESULT_PREFIX
 from .db import parse_url
 from .errors import StoreError, driver_message, safe_url
 
-STEPS = ("append", "import", "project", "rebuild", "verify-chain", "verify", "audit", "raw")
+STEPS = ("append", "import", "project", "rebuild", "verify-chain", "verify", "audit", "raw", "forget")
 # What each step needs run before it (on the same store): the log of ``append``, projections.
 NEEDS = {"project": ("append",), "rebuild": ("append",), "verify-chain": ("append",),
-         "verify": ("append", "project"), "audit": ("append",), "raw": ("append",)}
+         "verify": ("append", "project"), "audit": ("append",), "raw": ("append",), "forget": ("append", "project")}
 # The order steps run in: the baseline right after the log it copies, then the import, whose
 # ratio is then printed early; projections and what reads them last.
-ORDER = ("append", "raw", "import", "project", "rebuild", "verify-chain", "verify", "audit")
+ORDER = ("append", "raw", "import", "project", "rebuild", "verify-chain", "verify", "audit", "forget")  # (forget
+# changes the log: last)
 STEP_HELP = {
     "append": "import --no-project into a fresh store (read, parse, classify, hash, insert)",
     "import": "import into a fresh store (append, then project)",
@@ -73,6 +74,7 @@ STEP_HELP = {
     "verify": "full verify: chain, columns, counts, projections against a rebuild",
     "audit": "history and state --as-of of sampled workitems",
     "raw": "baseline: the finished rows inserted raw",
+    "forget": "forget --received-before (retention) over the whole log, projected",
 }
 
 # The goals.
@@ -84,6 +86,7 @@ RSS_MB = 500
 AUDIT_MS = 5.0
 VERIFY_CHAIN_RATE_SQLITE = 300_000
 VERIFY_RATE_SQLITE = 50_000
+FORGET_RATE_SQLITE = 20_000
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 _VERIFY_FAILED = "   VERIFY FAILED: run `workitem-store verify` on such a store"
@@ -304,6 +307,10 @@ def _run(events: int, tmp: Path, target, steps: tuple[str, ...]) -> Iterator[str
                        f"{statistics.median(times):6.2f} ms, max {max(times):6.2f} ms over {len(times)} calls "
                        f"({r['workitems']} workitems, {r['trail_rows']:.0f} log rows each on average)   "
                        f"peak RSS {r['rss_mb']:.0f} MB")
+        elif step == "forget":
+            results[step] = r = _child({"step": "forget", "url": log_url})
+            yield _step_line(step, r, f" ({r['redacted']:,} rows redacted, {r['redacted'] / r['seconds']:,.0f}/s; "
+                                      f"run again: {r['rows'] / r['again_seconds']:,.0f} events/s, nothing to do)")
         elif step == "raw":
             url = target.create("raw")
             results[step] = r = _child({"step": f"raw-{target.backend}", "url": url, "source_url": log_url,
@@ -369,6 +376,8 @@ def _goals(results: dict, ratios: dict, backend: str) -> Iterator[str]:
          lambda: rate("verify-chain", VERIFY_CHAIN_RATE_SQLITE)),
         (f"full verify >= {VERIFY_RATE_SQLITE:,} events/s (SQLite)", "sqlite", "verify" in results,
          lambda: rate("verify", VERIFY_RATE_SQLITE)),
+        (f"forget >= {FORGET_RATE_SQLITE:,} rows/s (SQLite)", "sqlite", "forget" in results,
+         lambda: rate("forget", FORGET_RATE_SQLITE)),
         (f"append >= {IMPORT_RATIO_POSTGRESQL} of raw COPY (PostgreSQL)", "postgresql", "append" in ratios,
          lambda: append_ratio(IMPORT_RATIO_POSTGRESQL)),
     ]

@@ -153,6 +153,32 @@ def _step_verify_chain(spec: dict) -> dict:
             "ok": all(r.chain_break is None and not r.counts_mismatch and r.column_mismatch is None for r in reports)}
 
 
+def _step_forget(spec: dict) -> dict:
+    """forget --received-before with a cutoff after every row (a log all older than its
+    retention): every userData value redacted, workitems refreshed; then the same again, which
+    finds nothing to do (a daily cron run)."""
+    from sqlalchemy import func, select
+
+    from .db import open_store
+    from .redaction import Selection, forget
+    from .schema import event_log
+
+    engine = open_store(spec["url"])
+    try:
+        with engine.connect() as conn:
+            rows, last = conn.execute(select(func.count(), func.max(event_log.c.received_at))).one()
+        selection = Selection(received_before=last + dt.timedelta(microseconds=1))
+        seconds, redacted = [], []
+        for _ in range(2):
+            start = time.perf_counter()
+            redacted.append(forget(engine, selection, "retention (bench)").redacted)
+            seconds.append(time.perf_counter() - start)
+    finally:
+        engine.dispose()
+    return {"seconds": seconds[0], "rows": rows, "redacted": redacted[0], "again_seconds": seconds[1],
+            "again_redacted": redacted[1]}
+
+
 def _step_audit(spec: dict) -> dict:
     from sqlalchemy import func, select
 
@@ -309,6 +335,7 @@ _CHILD_STEPS = {
     "verify-chain": _step_verify_chain,
     "verify": _step_verify,
     "audit": _step_audit,
+    "forget": _step_forget,
     "raw-sqlite": _step_raw_sqlite,
     "raw-postgresql": _step_raw_postgresql,
 }

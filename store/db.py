@@ -8,6 +8,7 @@ reason next to it; how writers lock, and how long they wait, lives in ``locks``;
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shlex
 import sqlite3
@@ -83,6 +84,13 @@ def _set_wal(dbapi_connection) -> None:
     raise StoreError("cannot switch the SQLite file to WAL mode: another process keeps it locked")
 
 
+def _sha256_hex(value: str | bytes | None) -> str | None:
+    """SQL ``wis_sha256(text)``: the SHA-256 hex of the text's UTF-8 (NULL for NULL)."""
+    if value is None:
+        return None
+    return hashlib.sha256(value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def _sqlite_engine(url, *, readonly: bool) -> Engine:
     database = url.database or ""
     if database and database != ":memory:":
@@ -111,6 +119,9 @@ def _sqlite_engine(url, *, readonly: bool) -> Engine:
         # 64 MiB of page cache (default 2 MiB): rebuilds and big imports insert in key order
         # that is random to the b-trees; with a small cache each insert re-reads pages.
         dbapi_connection.execute("PRAGMA cache_size=-65536")
+        # The SHA-256 that event_log's UPDATE trigger compares with the redaction record
+        # (migration 0008): without it (the sqlite3 shell) no UPDATE of the log passes.
+        dbapi_connection.create_function("wis_sha256", 1, _sha256_hex, deterministic=True)
 
     event.listen(engine, "begin", locks.on_sqlite_begin)
     return engine

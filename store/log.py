@@ -11,16 +11,16 @@ import functools
 import hashlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, and_, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from . import duplicates
+from . import duplicates, redaction
 from .bulk import insert_rows
 from .locks import lock_for_append
-from .notifications import NOTIFICATION, SESSION, SNAPSHOT, Notification, load_json, utc_text
+from .notifications import NOTIFICATION, SESSION, SNAPSHOT, Notification, load_json, parse_timestamp, utc_text
 from .reading import pages
 from .schema import event_log, event_log_counts
 
@@ -67,12 +67,17 @@ def head(conn: Connection) -> tuple[int, str]:
 MICROSECOND = dt.timedelta(microseconds=1)
 
 
+INGEST_REASON = "redacted at ingest"  # the reason of the redactions made by ``redact_keys``
+
+
 @dataclass
 class AppendContext:
     """What one appender carries from one ``append`` call to the next: a cache of each
-    session's start (when its handshake was sent)."""
+    session's start (when its handshake was sent), and the userData keys to redact at ingest
+    (``redact_keys``, opt-in: see ``append``)."""
 
     session_starts: dict[str, dt.datetime | None] = field(default_factory=dict)
+    redact_keys: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,14 @@ def append(conn: Connection, notifications: Sequence[Notification], *, source: s
     ``received_at`` plus i microseconds, so that no two rows of one reader share an instant (the
     duplicate rule 3.2 takes equal instants for the same record).  ``context`` carries what the
     duplicate rules need across calls (one per import, one per live ingestor).
+
+    Redactions (docs/RULES.md): a notification carrying a checked redaction claim (an exported
+    redacted row: ``Notification.redaction``) is stored as it is with its original
+    payload_sha256 and its records; with ``context.redact_keys``, the values of those userData
+    keys are replaced by the marker before the row is first written (``redaction.redact_payload``),
+    recorded with reason INGEST_REASON.  Either way payload_sha256 is the original's, so the
+    duplicate rules and the chain are those of the row without redaction, and the redactions
+    rows are written in the caller's transaction with the row.
     """
     return append_batches(conn, [Batch(notifications, source, received_at)], context)[0]
 
@@ -109,7 +122,10 @@ def append_batches(conn: Connection, batches: Sequence[Batch],
     lock_for_append(conn)
     seq, prev = head(conn)
     items = [(n, b) for b in batches for n in b.notifications]
-    digests = [payload_sha256(n.payload) for n, _ in items]
+    digests = [payload_sha256(n.payload) if n.redaction is None else n.redaction[0] for n, _ in items]
+    records: dict[int, list[dict]] = {}  # index in items -> its redactions records (before seq is known)
+    if context.redact_keys or any(n.redaction is not None for n, _ in items):
+        items = _redacted(conn, items, context.redact_keys, records)
     keys = {(n.source or b.source, n.message_id) for n, b in items if n.message_id is not None}
     first_copy = duplicates.first_copies(conn, keys) if keys else {}
     unkeyed = {d for (n, _), d in zip(items, digests, strict=True) if n.message_id is None and n.kind == NOTIFICATION}
@@ -118,11 +134,15 @@ def append_batches(conn: Connection, batches: Sequence[Batch],
     rows: list[dict[str, Any]] = []
     results = []
     position = 0
+    redacted: list[dict] = []
     for batch in batches:
         first_seq = seq + 1
         copies_found = quarantined = unstamped = 0
         for n in batch.notifications:
             digest = digests[position]
+            if records:  # (else every item is its notification)
+                n = items[position][0]  # as stored (redacted at ingest)
+                redacted += [{**record, "seq": seq + 1} for record in records.get(position, ())]
             position += 1
             seq += 1
             row_source = n.source or batch.source
@@ -163,7 +183,28 @@ def append_batches(conn: Connection, batches: Sequence[Batch],
                                     quarantined))
     insert_rows(conn, event_log, rows)
     _add_counts(conn, rows)
+    redaction.record(conn, redacted)
     return results
+
+
+def _redacted(conn: Connection, items: list[tuple[Notification, Batch]], keys: frozenset[str],
+              records: dict[int, list[dict]]) -> list[tuple[Notification, Batch]]:
+    """``items`` as they are stored: a claimed redaction's records (checked when the line was
+    read) kept, and ``keys`` redacted; the records of each changed item go to ``records``."""
+    stored = []
+    now, user = dt.datetime.now(dt.UTC), None
+    for i, (n, batch) in enumerate(items):
+        if n.redaction is not None:
+            records[i] = [{**r, "redacted_at": parse_timestamp(r["redacted_at"])} for r in n.redaction[1]]
+        changed = redaction.redact_payload(n.payload, n.kind, keys) if keys else None
+        if changed is not None:
+            user = user or redaction.database_user(conn)
+            payload, changed_keys = changed
+            records.setdefault(i, []).append({"redacted_at": now, "reason": INGEST_REASON, "keys": changed_keys,
+                                              "payload_sha256": payload_sha256(payload), "redacted_by": user})
+            n = replace(n, payload=payload)
+        stored.append((n, batch))
+    return stored
 
 
 def _add_counts(conn: Connection, rows: list[dict]) -> None:

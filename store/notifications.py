@@ -38,6 +38,7 @@ LINE_REASONS = ("not JSON", "not a JSON object", "not UTF-8", "envelope")
 # ... and of those, the reasons decided on the raw bytes, which the stored text cannot show again.
 NOT_UTF8, HAS_NUL = "not UTF-8 text", "not JSON: contains NUL characters"
 RAW_REASONS = (NOT_UTF8, HAS_NUL)
+CLAIM_REFUSED = "redaction claim does not hold"  # an export line's claim, refused on import (redaction_check)
 # Limits that keep every accepted row storable and indexable on both engines (docs/RULES.md 1.4).
 MAX_DEPTH = 128  # arrays and objects nested in a payload
 MAX_KEY_BYTES = 512  # UTF-8 bytes of an indexed key (PostgreSQL's btree entries hold ~2,700)
@@ -48,7 +49,6 @@ MIN_TIME = dt.datetime(1, 1, 2, tzinfo=dt.UTC)
 MAX_TIME = dt.datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=dt.UTC)
 # The event_log columns read out of a payload (besides the quarantine reason).
 EXTRACTED = ("channel", "message_id", "message_type", "notification_type", "workitem_id", "reference_id")
-
 
 UNSTORABLE = "not JSON: a string holds \\u0000 or an unpaired surrogate (not storable)"
 UNSTORABLE_CHARS = re.compile("[\x00\ud800-\udfff]")  # NUL, or a surrogate left unpaired by a \u escape
@@ -76,6 +76,7 @@ class Notification:
     quarantine_reason: str | None
     kind: str = NOTIFICATION
     session: str | None = None  # the live session that received it (envelope "session" on import)
+    redaction: tuple[str, tuple[dict, ...]] | None = None  # a checked claim: (original payload_sha256, records)
 
 
 def as_text(value: Any) -> str | None:
@@ -269,6 +270,8 @@ def _envelope(line: str, envelope: dict, payload: str | None) -> Notification:
 
 def reclassify(payload: str, quarantine_reason: str | None, kind: str = NOTIFICATION) -> Notification:
     """Classify a stored payload again, as it was classified when appended (for ``verify``)."""
+    if (quarantine_reason or "").startswith(CLAIM_REFUSED):  # (decided on the line's claim, not its payload)
+        return replace(reclassify(payload, None, kind), quarantine_reason=quarantine_reason)
     if kind != NOTIFICATION:
         return classify_record(kind, payload)
     if (quarantine_reason or "").startswith(RAW_REASONS):

@@ -4,6 +4,11 @@ A proof holds the row (payload included), the chain link before it, the chained 
 later row up to the next seal, and that seal.  ``check`` needs only the proof and the public
 key: it recomputes the row's payload hash, then each chain_hash up to the seal's seq, and checks
 that the last one is the sealed head and that the seal's signature verifies.
+
+A redacted row's proof also holds its ``"redactions"`` records: its payload no longer hashes to
+its (original) payload_sha256, and ``check`` accepts it when the redaction check holds
+(``redaction_check.problem``), saying the original is not recomputable.  The records are not
+under the seal: what they say of when, why and by whom is the store's word.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection, select
 
+from . import redaction_check
 from .db import StoreError
 from .log import GENESIS_HASH, chain_hash, payload_sha256
 from .notifications import KINDS, parse_timestamp, utc_text
@@ -54,13 +60,16 @@ def prove(conn: Connection, seq: int) -> dict:
     if len(later) != sealed.seq - seq or last != sealed.chain_hash:  # a proof that could never check
         raise ProofError(f"seal {sealed.n} (seq {sealed.seq}) does not match the log: the log no longer holds "
                          f"the sealed head (run `workitem-store verify`)")
-    return {
+    proof = {
         "format": FORMAT,
         "prev_chain_hash": before,
         "row": {**dict(zip(LINK_FIELDS, _link(row), strict=True)), "payload": row.payload},
         "links": [_link(r) for r in later],
         "seal": Seal(**sealed._mapping).as_dict(),
     }
+    if payload_sha256(row.payload) != row.payload_sha256:  # redacted: its records (the check's evidence)
+        proof["redactions"] = redaction_check.read_records(conn, [seq]).get(seq, [])
+    return proof
 
 
 def dumps(proof: dict) -> str:
@@ -109,7 +118,7 @@ def check(data: bytes, public_key: Ed25519PublicKey) -> ProofResult:
     try:
         if dumps(proof).encode() != data:
             return ProofResult(False, "the proof is not in its written form (a byte was changed, added or removed)")
-        if not isinstance(proof, dict) or proof.get("format") != FORMAT or set(proof) != {
+        if not isinstance(proof, dict) or proof.get("format") != FORMAT or set(proof) - {"redactions"} != {
                 "format", "prev_chain_hash", "row", "links", "seal"}:
             return ProofResult(False, f"not a {FORMAT} proof")
         sealed = Seal.from_dict(proof["seal"])
@@ -123,8 +132,15 @@ def check(data: bytes, public_key: Ed25519PublicKey) -> ProofResult:
             return ProofResult(False, f"the proof's row is malformed: {problem}")
         if not sealed.seq >= row["seq"]:
             return ProofResult(False, f"the seal (seq {sealed.seq}) is before the row (seq {row['seq']})")
-        if not isinstance(row["payload"], str) or payload_sha256(row["payload"]) != row["payload_sha256"]:
-            return ProofResult(False, f"row {row['seq']}: its payload does not hash to its payload_sha256")
+        if not isinstance(row["payload"], str):
+            return ProofResult(False, f"row {row['seq']}: its payload is not a text")
+        redacted = payload_sha256(row["payload"]) != row["payload_sha256"]
+        if redacted != ("redactions" in proof):
+            return ProofResult(False, f"row {row['seq']}: its payload does not hash to its payload_sha256" + (
+                "" if redacted else " (and the proof carries redactions for it)"))
+        if redacted and (why := _redaction_problem(row, proof["redactions"])):
+            return ProofResult(False, f"row {row['seq']}: its payload does not hash to its payload_sha256, and is "
+                                      f"no redaction that holds: {why}")
         prev = proof["prev_chain_hash"]
         if not isinstance(prev, str) or not _HEX64.fullmatch(prev) or row["seq"] == 1 and prev != GENESIS_HASH:
             return ProofResult(False, "prev_chain_hash is not 64 lowercase hex digits (sixty-four zeros for seq 1)")
@@ -148,5 +164,22 @@ def check(data: bytes, public_key: Ed25519PublicKey) -> ProofResult:
                                       f"the seal says {sealed.chain_hash}")
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         return ProofResult(False, f"the proof is malformed ({type(exc).__name__}: {exc})")
+    if redacted:
+        return ProofResult(True, f"row {row['seq']} is in store {sealed.store_id}'s log, under seal {sealed.n} "
+                                 f"(seq {sealed.seq}, sealed {sealed.sealed_at}, key {sealed.key_id[:16]}…); payload "
+                                 f"redacted (original not recomputable): {_redaction_summary(proof['redactions'])}")
     return ProofResult(True, f"row {row['seq']} is in store {sealed.store_id}'s log as written, under seal "
                              f"{sealed.n} (seq {sealed.seq}, sealed {sealed.sealed_at}, key {sealed.key_id[:16]}…)")
+
+
+def _redaction_problem(row: dict, records) -> str | None:
+    """Why a proof's redacted row does not hold (redaction_check; the proof holds no extracted
+    columns, so its payload is checked against its chained quarantine reason and kind)."""
+    return redaction_check.claim_malformed(row["payload_sha256"], records) or \
+        redaction_check.problem(row["payload"], row["kind"], row["quarantine_reason"], records)
+
+
+def _redaction_summary(records: list[dict]) -> str:
+    """The records as the check-proof message shows them (not covered by the seal)."""
+    return "; ".join(f"keys {', '.join(r['keys'])} at {r['redacted_at']} ({r['reason']})" for r in records) + \
+        " (the records are not under the seal)"

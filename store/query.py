@@ -22,6 +22,7 @@ from .schema import (
     imported_files,
     projection_checkpoints,
     projection_errors,
+    redactions,
     seals,
     store_identity,
 )
@@ -233,7 +234,7 @@ def grant_readonly(engine: Engine, role: str, *, password: str | None = None, lo
 
     The relations granted include projection_checkpoints and alembic_version (every command's
     schema check reads the latter; `status` and `verify` also need ``with_log``: event_log,
-    event_log_counts, imported_files, projection_errors, seals and store_identity).
+    event_log_counts, imported_files, projection_errors, redactions, seals and store_identity).
 
     PostgreSQL gives PUBLIC (every role) CONNECT and TEMPORARY on each new database; so that the
     role can neither create temporary objects nor log in elsewhere, TEMPORARY on the store's
@@ -249,8 +250,8 @@ def grant_readonly(engine: Engine, role: str, *, password: str | None = None, lo
     relations = [t.name for t in (*PROJECTION_TABLES, *VIEWS, projection_checkpoints)] + ["alembic_version"]
     if with_log:
         # projection_errors: the log rows a projection skipped, with why (`status` reads it).
-        relations += [t.name for t in (event_log, event_log_counts, imported_files, projection_errors, seals,
-                                       store_identity)]
+        relations += [t.name for t in (event_log, event_log_counts, imported_files, projection_errors, redactions,
+                                       seals, store_identity)]
     with write_transaction(engine) as conn:
         quote = conn.dialect.identifier_preparer.quote
         who = quote(role)

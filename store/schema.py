@@ -281,6 +281,22 @@ seals = Table(
     Index(None, "seq"),
 )
 
+# Each redaction of a log row (store/redaction.py, its only writer; docs/RULES.md): the userData
+# keys whose values were replaced by the marker (a JSON array, sorted), and the SHA-256 of the
+# payload text after it.  Append-only; the newest row of a seq matches its stored payload.
+redactions = Table(
+    "redactions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("redacted_at", UTCDateTime, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("keys", Text, nullable=False),
+    Column("payload_sha256", String(64), nullable=False),
+    Column("redacted_by", Text, nullable=False),
+    Index(None, "seq"),
+)
+
 PROJECTION_TABLES = (workitems, workitem_transitions, capability_history, request_outcomes)
 
 # -- views (created by migration 0002; declared here so code can query them with Core) --------

@@ -14,12 +14,13 @@ import hashlib
 import itertools
 import operator
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Connection, func, select
 
-from . import seal_check
+from . import redaction_check, seal_check
 from .bulk import collections_postponed
 from .log import GENESIS_HASH, chain_hash, counts, head, payload_sha256
 from .notifications import EXTRACTED, NOTIFICATION, reclassify, utc_text
@@ -47,6 +48,9 @@ class VerifyReport:
     head_seq: int = 0
     head_hash: str = GENESIS_HASH
     chain_break: ChainBreak | None = None
+    # Rows whose payload was redacted (redaction_check holds: it no longer hashes to their
+    # payload_sha256, which keeps the original's, so the original is not recomputable).
+    redacted: int = 0
     # The first row whose extracted columns (channel ... reference_id, not covered by the chain)
     # disagree with its payload: what = the column.
     column_mismatch: ChainBreak | None = None
@@ -113,15 +117,23 @@ def _verify_links(conn: Connection, report: VerifyReport, chunk: int, counted: C
         columns_of_rows = tuple(zip(*rows, strict=True))
         if counted is not None:
             _count(counted, columns_of_rows)
+        redacted = functools.partial(_redacted, conn, rows)
         times = _plain_times(columns_of_rows, conn.dialect)
-        verified = None if times is None else _links_fast(columns_of_rows, times, prev, expected, report)
+        verified = None if times is None else _links_fast(columns_of_rows, times, prev, expected, report, redacted)
         if verified is None:
-            verified = _links_exact(rows, prev, expected, report, conn.dialect)
+            verified = _links_exact(rows, prev, expected, report, conn.dialect, redacted)
         if verified:
             report.rows, report.head_seq, report.head_hash = (report.rows + verified, rows[verified - 1][0],
                                                               rows[verified - 1][5])
         if report.chain_break is not None:
             return
+
+
+def _redacted(conn: Connection, rows: list[tuple], indices: list[int]) -> set[int]:
+    """Which of a chunk's ``rows`` (at ``indices``: their payload does not hash to their
+    payload_sha256) are accepted redactions (``redaction_check``)."""
+    held = redaction_check.holding(conn, [(rows[i][0], rows[i][3], rows[i][7], rows[i][8]) for i in indices])
+    return {i for i in indices if rows[i][0] in held}
 
 
 # The columns of a link, as verify_chain reads them (a row is a tuple in this order).
@@ -181,10 +193,13 @@ def _record_fields(kind: str, session: str | None) -> str:
     return "" if kind == NOTIFICATION and session is None else f"\n{kind}\n{session or ''}"
 
 
-def _links_fast(columns: tuple, times: list[str], prev: str, expected: int, report: VerifyReport) -> int | None:
+def _links_fast(columns: tuple, times: list[str], prev: str, expected: int, report: VerifyReport,
+                redacted: Callable[[list[int]], set[int]]) -> int | None:
     """Check a chunk from ``expected`` on (``prev``: the link before it), given ``_plain_times``
-    of it: how many leading rows hold (a break is set on ``report``), or None when a payload is
-    not text or a text does not encode (the chunk is then for ``_links_exact``).
+    of it: how many leading rows hold (a break is set on ``report``, and the redacted rows among
+    them are counted), or None when a payload is not text or a text does not encode (the chunk
+    is then for ``_links_exact``).  ``redacted(indices)``: which of the chunk's rows whose
+    payload does not hash to their payload_sha256 are accepted redactions.
 
     Every row is checked against the chain_hash stored in the row before it: until the first
     row that fails, that is the link recomputed from ``prev``, so the first failure, and what
@@ -201,10 +216,16 @@ def _links_fast(columns: tuple, times: list[str], prev: str, expected: int, repo
         digests = tuple(map(_HEXDIGEST, map(hashlib.sha256, map(str.encode, payloads[:good]))))
     except (TypeError, ValueError):
         return None
-    # The rows before the first whose payload does not hash to its payload_sha256 can be linked
-    # with the stored digests: they equal the recomputed ones.
-    bad = good if digests == digests_found[:good] else \
-        next(i for i, (digest, found) in enumerate(zip(digests, digests_found, strict=False)) if digest != found)
+    # The rows before the first whose payload does not hash to its payload_sha256 (and is no
+    # accepted redaction) can be linked with the stored digests: they equal the recomputed ones,
+    # or are the original's.  Only rows that differ take the redaction check.
+    held: set[int] = set()
+    bad = good
+    if digests != digests_found[:good]:
+        differing = [i for i, (digest, found) in enumerate(zip(digests, digests_found, strict=False))
+                     if digest != found]
+        held = redacted(differing)
+        bad = next((i for i in differing if i not in held), good)
     # The text RULES.md section 8 hashes, as log.chain_hash joins it (str() and format() agree
     # on every value a driver returns), after the previous row's stored link.
     previous = itertools.chain((prev,), links_found)
@@ -221,7 +242,9 @@ def _links_fast(columns: tuple, times: list[str], prev: str, expected: int, repo
     if links != links_found[:bad]:
         i = next(i for i, (link, found) in enumerate(zip(links, links_found, strict=False)) if link != found)
         report.chain_break = ChainBreak(seqs[i], "chain_hash", links[i], links_found[i])
+        report.redacted += sum(1 for h in held if h < i)
         return i
+    report.redacted += sum(1 for h in held if h < bad)
     if bad < good:
         report.chain_break = ChainBreak(seqs[bad], "payload_sha256", digests[bad], digests_found[bad])
     elif good < n:
@@ -229,7 +252,8 @@ def _links_fast(columns: tuple, times: list[str], prev: str, expected: int, repo
     return bad
 
 
-def _links_exact(rows: list[tuple], prev: str, expected: int, report: VerifyReport, dialect) -> int:
+def _links_exact(rows: list[tuple], prev: str, expected: int, report: VerifyReport, dialect,
+                 redacted: Callable[[list[int]], set[int]]) -> int:
     """``_links_fast`` row by row, on the values as the column types read them (every
     received_at of the chunk first, as SQLAlchemy reads a result): the reference."""
     times = [_AT_TYPE.process_result_value(row[1], dialect) for row in rows]
@@ -239,13 +263,15 @@ def _links_exact(rows: list[tuple], prev: str, expected: int, report: VerifyRepo
             report.chain_break = ChainBreak(expected + i, "seq", str(expected + i), str(seq))
             return i
         digest = payload_sha256(payload)
-        if digest != digest_found:
+        held = digest != digest_found and bool(redacted([i]))
+        if digest != digest_found and not held:
             report.chain_break = ChainBreak(seq, "payload_sha256", digest, digest_found)
             return i
-        prev = chain_hash(prev, seq, at, source, digest, duplicate_of, reason, kind, session)
+        prev = chain_hash(prev, seq, at, source, digest_found, duplicate_of, reason, kind, session)
         if prev != link_found:
             report.chain_break = ChainBreak(seq, "chain_hash", prev, link_found)
             return i
+        report.redacted += held
     return len(rows)
 
 

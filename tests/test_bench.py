@@ -20,13 +20,14 @@ from store.schema import event_log
 from store.simulate import simulate
 from store.verify import VerifyReport
 
-STEP_LINE = re.compile(r"^(append|raw|import|project|rebuild|verify-chain|verify) +([\d,]+) events/s +([\d.]+) s +"
-                       r"peak RSS +(\d+) MB ")
+STEP_LINE = re.compile(r"^(append|raw|import|project|rebuild|verify-chain|verify|forget) +([\d,]+) events/s +"
+                       r"([\d.]+) s +peak RSS +(\d+) MB ")
 VERIFY_CHAIN_NOTE = re.compile(r"\(with columns ([\d,]+) events/s, ([\d.]+) s\)$")
 AUDIT_LINE = re.compile(r"^audit +(history|state --as-of) +median +([\d.]+) ms, max +([\d.]+) ms over 50 calls"
                         r".*peak RSS (\d+) MB$")
 RATIO_LINE = re.compile(r"^ +(PostgreSQL )?(append|import) / raw (insert|COPY): ([\d.]+)x")
-GOAL_LINE = re.compile(r"^  (rebuild >=|append >=|import >=|peak RSS|history, state|verify chain >=|full verify >=)"
+GOAL_LINE = re.compile(r"^  (rebuild >=|append >=|import >=|peak RSS|history, state|verify chain >=|full verify >="
+                       r"|forget >=)"
                        r".* (ok|MISSED|n/a)$")
 
 
@@ -58,7 +59,7 @@ def _check_report(lines: list[str], raw: str) -> list[str]:
     # import = append + project on a fresh store: slower than append alone.
     assert float(ratios["import"][4]) < float(ratios["append"][4])
     goals = lines[lines.index("goals:") + 1:-1]
-    assert len(goals) == 8 and all(map(GOAL_LINE.match, goals)), goals
+    assert len(goals) == 9 and all(map(GOAL_LINE.match, goals)), goals
     assert lines[-1].startswith("measured ")
     return goals
 

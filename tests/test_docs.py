@@ -309,6 +309,7 @@ def test_sql_md_names_each_writer():
         "projection_errors": "store/projections/runner.py",
         "event_log_counts": "store/log.py",
         "seals": "store/seals.py", "store_identity": "migrations/versions/0006_seals.py",
+        "redactions": "store/redaction.py",
     }
     assert set(writers) == set(metadata.tables)
     for table, module in writers.items():

@@ -24,7 +24,7 @@ from store.schema import metadata
 
 TABLES = {"event_log", "imported_files", "workitems", "workitem_transitions", "capability_history",
           "request_outcomes", "projection_checkpoints", "projection_errors", "event_log_counts", "seals",
-          "store_identity"}
+          "store_identity", "redactions"}
 
 
 def _diff(engine) -> list:
@@ -43,7 +43,8 @@ def _triggers(engine) -> set[str]:
             sql = "SELECT name FROM sqlite_master WHERE type = 'trigger'"
         else:
             sql = ("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal "
-                   "AND tgrelid IN ('event_log'::regclass, 'seals'::regclass, 'store_identity'::regclass)")
+                   "AND tgrelid IN ('event_log'::regclass, 'seals'::regclass, 'store_identity'::regclass, "
+                   "'redactions'::regclass)")
         return set(conn.execute(text(sql)).scalars())
 
 
@@ -75,9 +76,10 @@ def test_migrated_schema_equals_create_all(db_url):
 
 
 def test_append_only_triggers_are_installed(engine):
-    tables = ("event_log", "seals", "store_identity")
+    tables = ("event_log", "seals", "store_identity", "redactions")
     expected = {"sqlite": {f"{t}_no_{verb}" for t in tables for verb in ("update", "delete")},
-                "postgresql": {f"{t}_no_{verb}" for t in tables for verb in ("update_delete", "truncate")},
+                "postgresql": {f"{t}_no_{verb}" for t in tables[1:] for verb in ("update_delete", "truncate")}
+                | {"event_log_no_update", "event_log_no_delete", "event_log_no_truncate"},  # (0008: redactions)
                 }[engine.dialect.name]
     assert _triggers(engine) == expected
 
@@ -96,7 +98,8 @@ def test_downgrade_to_base_then_upgrade_to_head(engine):
     with engine.connect() as conn:
         assert current_revision(conn) is None
         if engine.dialect.name == "postgresql":
-            functions = text("SELECT count(*) FROM pg_proc WHERE proname = 'event_log_append_only'")
+            functions = text("SELECT count(*) FROM pg_proc "
+                             "WHERE proname IN ('event_log_append_only', 'event_log_redaction_only')")
             assert conn.execute(functions).scalar_one() == 0
     with engine.begin() as conn:
         command.upgrade(alembic_config(conn), "head")

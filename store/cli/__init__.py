@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from . import audit_cmds, ingest_cmds, seal_cmds, sim_cmds, store_cmds
+from . import audit_cmds, erasure_cmds, ingest_cmds, seal_cmds, sim_cmds, store_cmds
 from .common import StoreGroup
 
 
@@ -47,6 +47,7 @@ COMMANDS = (
     audit_cmds.datasette_cmd,
     seal_cmds.verify, seal_cmds.keygen, seal_cmds.seal, seal_cmds.prove, seal_cmds.check_proof,
     sim_cmds.simulate, sim_cmds.simulate_server, sim_cmds.bench,
+    erasure_cmds.forget,
 )
 for _command in COMMANDS:
     main.add_command(_command)

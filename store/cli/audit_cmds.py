@@ -151,8 +151,8 @@ def query(sql, fmt, raw_csv, timeout, as_role, password_env):
 @click.option("--login", is_flag=True, help="Let the role log in (implied by --password-env); "
                                             "otherwise a new role cannot and an existing one keeps what it had.")
 @click.option("--with-log", is_flag=True, help="Also let the role read event_log, event_log_counts, imported_files, "
-                                                "projection_errors, seals and store_identity (auditors running "
-                                                "history/state/verify/status/prove need them).")
+                                                "projection_errors, redactions, seals and store_identity "
+                                                "(auditors running history/state/verify/status/prove need them).")
 @click.option("--keep-connect", metavar="PATTERN", multiple=True,
               help="Leave CONNECT on the other databases whose name matches PATTERN (shell-style, e.g. "
                    "postgres or 'reports_*') as it is: the role may still connect to them.  Repeatable.")
@@ -162,7 +162,8 @@ def grant_readonly(role, password_env, login, with_log, keep_connect):
 
     The role gets CONNECT on the store's database, USAGE on schema public and SELECT on the
     projections, the views, projection_checkpoints and alembic_version (event_log, event_log_counts,
-    imported_files, projection_errors, seals and store_identity too with --with-log), nothing else; it is
+    imported_files, projection_errors, redactions, seals and store_identity too with --with-log), nothing
+    else; it is
     NOSUPERUSER NOCREATEDB NOCREATEROLE: a role that `query` accepts.
 
     PostgreSQL lets every role (PUBLIC) create temporary tables in, and connect to, any new

@@ -52,11 +52,15 @@ from .formatting import NULL, say, seal_line
                    "file's witness.")
 @click.option("--seal-every", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
               help="Seconds between seals (default: the config file's seal_every, else 600).")
+@click.option("--redact-keys", metavar="K1,K2", envvar=config_mod.REDACT_KEYS_ENV,
+              help="Replace the values of these userData keys by the redaction marker before the rows are "
+                   f"written to the log (recorded in redactions); default ${config_mod.REDACT_KEYS_ENV}, else the "
+                   "config file's redact_keys.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each appended batch.")
 @db_option
 def ingest(gws_url, user, password_env, source, config_path, ca_file, client_cert, client_key, proxy,
            notifications_path, spool_dir, spool_max, metrics_port, no_project, seal_key, witness, seal_every,
-           verbose):
+           redact_keys, verbose):
     """Follow GWS workitem notifications live (CometD /v2/me/workitems) into the log.
 
     Each session handshakes with HTTP Basic auth (and the CSRF token of GET /api/v2/me, where
@@ -90,7 +94,8 @@ def ingest(gws_url, user, password_env, source, config_path, ca_file, client_cer
       password_env = "AGENT1_PW"
       source = "agent1"          # optional, default the user name
     and, at the top only, the store's sealing: seal_key = "/etc/workitem-store/seal.key",
-    witness = "/mnt/worm/seals.jsonl", seal_every = 600.
+    witness = "/mnt/worm/seals.jsonl", seal_every = 600; and the userData keys redacted before
+    anything is written to the log: redact_keys = ["CardNumber"].
 
     \b
     Example:
@@ -111,9 +116,10 @@ def ingest(gws_url, user, password_env, source, config_path, ca_file, client_cer
                                        source=source, ca_file=ca_file, client_cert=client_cert,
                                        client_key=client_key, proxy=proxy, notifications_path=notifications_path)
     sealing = config_mod.load_sealing_options(config_path, seal_key, witness, seal_every)
+    keys = config_mod.load_redact_keys(config_path, redact_keys)
     service.configure_logging(verbose)
     ingestor, errors = service.run(writer_engine(), configs, project=not no_project, metrics_port=metrics_port,
-                                   spool_dir=spool_dir, spool_max=spool_max, sealing=sealing)
+                                   spool_dir=spool_dir, spool_max=spool_max, sealing=sealing, redact_keys=keys)
     for s in ingestor.sessions:
         say(f"{s.source}: {s.stats.received} received, {s.stats.stored} stored, {s.stats.appended} appended, "
             f"{s.stats.duplicates} duplicate, {s.stats.quarantined} quarantined, "

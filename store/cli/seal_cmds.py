@@ -46,6 +46,11 @@ def verify(witness, public_key, since_last_seal, as_json):
     in the store's table, and the row a rebuild from the log gives (only the columns that
     differ when both exist).
 
+    A row whose payload `forget` redacted (or that was redacted at ingest) no longer hashes to
+    its payload_sha256; it passes when its newest redactions record has the payload's SHA-256
+    and only recorded userData values hold the marker (docs/RULES.md 11.3), and is counted as
+    "N rows redacted (original not recomputable)".  Any other change is tampering.
+
     \b
     Example:
       workitem-store verify
@@ -69,7 +74,7 @@ def _verify_json(report: verify_mod.VerifyReport) -> dict:
             "chain_break": vars(report.chain_break) if report.chain_break else None,
             "column_mismatch": vars(report.column_mismatch) if report.column_mismatch else None,
             "differences": report.differences, "lagging": report.lagging,
-            "counts_mismatch": report.counts_mismatch, "truncated": report.truncated,
+            "counts_mismatch": report.counts_mismatch, "truncated": report.truncated, "redacted": report.redacted,
             "seals": None if sealed is None else {
                 "checked": sealed.seals, "in_witness": sealed.witness_seals,
                 "signatures_checked": sealed.signatures_checked,
@@ -102,6 +107,8 @@ def _verify_lines(report: verify_mod.VerifyReport) -> Iterator[str]:
         yield f"chain BROKEN at seq {brk.seq}: {brk.what} expected {_value(brk.expected)}, found {_value(brk.found)}"
     else:
         yield f"chain ok{since}: {report.rows} rows, head seq {report.head_seq} {report.head_hash}"
+    if report.redacted:
+        yield f"{report.redacted} rows redacted (original not recomputable): only recorded userData values changed"
     bad = report.column_mismatch
     if bad:
         yield (f"event_log column {bad.what} at seq {bad.seq} DISAGREES with the payload: "

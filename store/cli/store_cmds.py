@@ -11,6 +11,7 @@ import click
 from .. import db, seals
 from .. import export as export_mod
 from .. import status as status_mod
+from ..ingest import config as config_mod
 from ..ingest import files
 from ..projections import follow as follow_mod
 from ..projections import runner
@@ -55,13 +56,17 @@ def init():
 @click.option("--force", is_flag=True, help="Import a file even if it does not look like text (most of its first "
                                             "lines not UTF-8, or holding NUL bytes).")
 @click.option("--no-project", is_flag=True, help="Only append to the log; run `project` later.")
+@click.option("--redact-keys", metavar="K1,K2", envvar=config_mod.REDACT_KEYS_ENV,
+              help="Replace the values of these userData keys by the redaction marker before the rows are "
+                   f"written (recorded in redactions; the clear values never reach the store); default "
+                   f"${config_mod.REDACT_KEYS_ENV}.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--seal-key", type=click.Path(dir_okay=False), metavar="KEYFILE", envvar=seals.KEY_ENV,
               help=f"Seal the log's head after the import (see `seal`); default ${seals.KEY_ENV}.")
 @click.option("--witness", type=click.Path(dir_okay=False), metavar="FILE", envvar=seals.WITNESS_ENV,
               help=f"With a seal key: also append the seal to this witness file; default ${seals.WITNESS_ENV}.")
 @db_option
-def import_cmd(paths, source, again, force, no_project, as_json, seal_key, witness):
+def import_cmd(paths, source, again, force, no_project, redact_keys, as_json, seal_key, witness):
     """Append JSONL notifications to the log, then bring the projections up to date.
 
     Each line is an envelope {"received_at", "source", "message"} (what export writes), a Bayeux
@@ -79,8 +84,10 @@ def import_cmd(paths, source, again, force, no_project, as_json, seal_key, witne
       workitem-store import captured.jsonl
       workitem-store import capture-2026-11-02.jsonl.gz
       cat more.jsonl | workitem-store import - --source agent7
+      workitem-store import cards.jsonl --redact-keys CardNumber,CVV
     """
     sealing = seals.Sealing.configured(seal_key, witness)
+    keys = config_mod.redact_keys(redact_keys)
     engine = writer_engine()
     summaries, projected, sealed = [], None, None
     try:
@@ -88,11 +95,12 @@ def import_cmd(paths, source, again, force, no_project, as_json, seal_key, witne
             if path == "-":
                 with progress_bar(None, "B", "stdin") as bar:
                     result = files.import_stream(engine, sys.stdin.buffer, file_name="stdin",
-                                                 source=source or "stdin", progress=bar.update, force=force)
+                                                 source=source or "stdin", progress=bar.update, force=force,
+                                                 redact_keys=keys)
             else:
                 with progress_bar(file_size(path), "B", Path(path).name) as bar:
                     result = files.import_file(engine, Path(path), source=source, again=again, progress=bar.update,
-                                               force=force)
+                                               force=force, redact_keys=keys)
             summaries.append(result)
             if not as_json:
                 _print_import(result)

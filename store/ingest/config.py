@@ -24,6 +24,10 @@ CONNECTION_KEYS = ("gws_url", "ca_file", "client_cert", "client_key", "proxy", "
 # Store-wide keys, top level only: sealing the log's head (store/seals.py).
 SEALING_KEYS = ("seal_key", "witness", "seal_every")
 MIN_SEAL_EVERY = 0.1  # seconds, as --seal-every
+# Store-wide too: the userData keys redacted before a row is first written (log.AppendContext).
+REDACT_KEYS = "redact_keys"
+REDACT_KEYS_ENV = "WORKITEM_STORE_REDACT_KEYS"  # comma-separated, as --redact-keys
+STORE_KEYS = (*SEALING_KEYS, REDACT_KEYS)
 
 
 @dataclass(frozen=True)
@@ -147,13 +151,15 @@ def load_config(path: str | Path, **defaults: str | None) -> list[SessionConfig]
         password_env = "AGENT1_PW"                 # or password = "..." (plain text: avoid)
         source = "agent1"                          # optional; default the user name
 
-    The top level may also hold the store-wide sealing keys (load_sealing), never a session.
+    The top level may also hold the store-wide sealing keys (load_sealing) and ``redact_keys``
+    (load_redact_keys), never a session.
     ``defaults`` (from command line options: gws_url, ca_file, ...) apply where the file sets
     nothing.  Users and sources must be unique.  Raises StoreError on anything missing or wrong.
     """
     path = Path(path)
     config = _read_toml(path)
     _sealing(config, path)  # (checked here too: a wrong seal_every is an error of the file)
+    _redact_keys(config, path)
     top = {key: config.get(key, defaults.get(key)) for key in CONNECTION_KEYS}
     entries = config.get("sessions")
     if not isinstance(entries, list) or not entries:
@@ -162,7 +168,7 @@ def load_config(path: str | Path, **defaults: str | None) -> list[SessionConfig]
     for n, entry in enumerate(entries, 1):
         where = f" ({path}, session {n})"
         unknown = set(entry) - {"user", "password", "password_env", "source", *CONNECTION_KEYS}
-        store_wide = sorted(unknown & set(SEALING_KEYS))
+        store_wide = sorted(unknown & set(STORE_KEYS))
         if store_wide:
             raise StoreError(f"{', '.join(store_wide)} apply to the whole store: set them at the top of the file, "
                              f"before any [[sessions]]{where}")
@@ -207,6 +213,35 @@ def load_sealing(path: str | Path) -> SealingConfig:
     return _sealing(_read_toml(path), path)
 
 
+def redact_keys(text: str | None) -> frozenset[str]:
+    """The userData keys of ``--redact-keys`` (or $WORKITEM_STORE_REDACT_KEYS): comma-separated,
+    blanks around each ignored; StoreError for an empty key between commas."""
+    if text is None or not text.strip():
+        return frozenset()
+    keys = [key.strip() for key in text.split(",")]
+    if not all(keys):
+        raise StoreError(f"--redact-keys {text!r}: an empty key (give K1,K2,...)")
+    return frozenset(keys)
+
+
+def load_redact_keys(config_path: str | Path | None, option: str | None = None) -> frozenset[str]:
+    """The keys redacted at ingest: ``option`` (--redact-keys, or the environment variable)
+    wins over the config file's top-level ``redact_keys = ["K1", "K2"]``; none: nothing redacted."""
+    if option is not None and option.strip():
+        return redact_keys(option)
+    if not config_path:
+        return frozenset()
+    path = Path(config_path)
+    return _redact_keys(_read_toml(path), path)
+
+
+def _redact_keys(config: dict, path: Path) -> frozenset[str]:
+    keys = config.get(REDACT_KEYS, [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+        raise StoreError(f"{path}: {REDACT_KEYS} must be a list of non-empty strings (userData keys)")
+    return frozenset(keys)
+
+
 def _read_toml(path: Path) -> dict:
     try:
         config = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -214,7 +249,7 @@ def _read_toml(path: Path) -> dict:
         raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise StoreError(f"{path}: not TOML: {exc}") from exc
-    unknown = set(config) - {"sessions", *CONNECTION_KEYS, *SEALING_KEYS}
+    unknown = set(config) - {"sessions", *CONNECTION_KEYS, *STORE_KEYS}
     if unknown:
         raise StoreError(f"{path}: unknown top-level keys {', '.join(sorted(unknown))}")
     return config

@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -30,6 +30,7 @@ from ..bulk import collections_postponed
 from ..db import write_transaction
 from ..errors import StoreError
 from ..notifications import MAX_KEY_BYTES, Notification, decode_text, parse_line, too_long, unreadable
+from ..redaction_check import claimed
 from ..schema import imported_files
 from .file_input import EmptyFile, IsDirectory, NoSuchFile, check_text, decompressing, lines_of, open_input
 
@@ -77,7 +78,7 @@ def decode_line(raw: bytes) -> Notification | None:
     line, reason = decode_text(raw)
     if reason is not None:
         return unreadable(line, reason)
-    return parse_line(line)
+    return claimed(line, parse_line(line))  # (an exported redacted row: its claim checked)
 
 
 def content_sha256(stream: BinaryIO) -> tuple[str, int]:
@@ -123,7 +124,8 @@ class ConcurrentImport(StoreError):
 
 def import_stream(engine: Engine, stream: BinaryIO | Iterable[bytes], *, file_name: str, source: str,
                   progress: Callable[[int], None] | None = None, refuse_sha256: str | None = None,
-                  resumable_sha256: str | None = None, force: bool = False) -> ImportResult:
+                  resumable_sha256: str | None = None, force: bool = False,
+                  redact_keys: Collection[str] = ()) -> ImportResult:
     """Append every line of ``stream`` and record the import (see the module docstring).
 
     ``stream`` is read decompressed when it is gzip, bzip2 or xz (told by its first bytes; for
@@ -135,23 +137,24 @@ def import_stream(engine: Engine, stream: BinaryIO | Iterable[bytes], *, file_na
     write lock held, so two concurrent imports of one file cannot both pass); an incomplete
     import of it is resumed.  ``resumable_sha256``: the content's sha256, known beforehand, for
     a seekable stream: the import may then commit in steps (none given: one transaction).
-    Both are of the decompressed content, as is the sha256 recorded.
+    Both are of the decompressed content, as is the sha256 recorded.  ``redact_keys``: userData
+    keys whose values are redacted before the rows are first written (``log.append``).
     """
     opened, compression, seekable = open_input(stream)
     if not force:
         opened = check_text(opened, file_name, compression, seekable)
     return _import(engine, opened, compression, file_name=file_name, source=source, progress=progress,
-                   refuse_sha256=refuse_sha256, resumable_sha256=resumable_sha256)
+                   refuse_sha256=refuse_sha256, resumable_sha256=resumable_sha256, redact_keys=redact_keys)
 
 
 def _import(engine: Engine, stream: BinaryIO, compression: str | None, *, file_name: str, source: str,
             progress: Callable[[int], None] | None, refuse_sha256: str | None,
-            resumable_sha256: str | None) -> ImportResult:
+            resumable_sha256: str | None, redact_keys: Collection[str] = ()) -> ImportResult:
     if too_long(source):
         raise StoreError(f"source {source[:40]!r}... is longer than {MAX_KEY_BYTES} bytes")
     result = ImportResult(file_name)
     digest = hashlib.sha256()
-    context = log.AppendContext()
+    context = log.AppendContext(redact_keys=frozenset(redact_keys))
     record = None  # this import's imported_files row, once a step committed
     offset = 0  # bytes of the stream in the log
     earlier = 0  # rows of the import this one resumes
@@ -240,8 +243,10 @@ def _record(conn, record, result: ImportResult, earlier: int, offset: int, compl
 
 
 def import_file(engine: Engine, path: str | Path, *, source: str | None = None, again: bool = False,
-                progress: Callable[[int], None] | None = None, force: bool = False) -> ImportResult:
+                progress: Callable[[int], None] | None = None, force: bool = False,
+                redact_keys: Collection[str] = ()) -> ImportResult:
     """Import one JSONL file, plain or compressed (gzip, bzip2, xz: told by its first bytes).
+    ``redact_keys``: as ``import_stream``.
 
     Refused, each with its own StoreError: a missing file (NoSuchFile), a directory
     (IsDirectory), an empty one (EmptyFile: nothing to import, whatever was imported before),
@@ -278,7 +283,8 @@ def import_file(engine: Engine, path: str | Path, *, source: str | None = None, 
         if compression is not None and progress is not None:
             progress = _raw_progress(raw, progress)
         return _import(engine, stream, compression, file_name=path.name, source=source or f"file:{path.name}",
-                       progress=progress, refuse_sha256=None if again else sha256, resumable_sha256=sha256)
+                       progress=progress, refuse_sha256=None if again else sha256, resumable_sha256=sha256,
+                       redact_keys=redact_keys)
 
 
 def _raw_progress(raw: BinaryIO, progress: Callable[[int], None]) -> Callable[[int], None]:

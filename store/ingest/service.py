@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,8 @@ class Ingestor:
                  project_interval: float = 0.2, metrics_port: int | None = None,
                  metrics_host: str = "127.0.0.1", spool_dir: str | Path | None = None,
                  spool_max: int = 1 << 30, spool_after: float = 2.0, probe_interval: float = 1.0,
-                 snapshot_timeout: float = 3.0, sealing: Sealing | None = None, **client_options: Any):
+                 snapshot_timeout: float = 3.0, sealing: Sealing | None = None, redact_keys: Collection[str] = (),
+                 **client_options: Any):
         self.engine, self.project, self.project_interval = engine, project, project_interval
         self.sealing = sealing
         if sealing is not None and sealing.witness is not None:
@@ -75,6 +77,8 @@ class Ingestor:
         self.writer = DurableLog(engine, self.spool, abandoned, spool_after=spool_after, spool_max=spool_max,
                                  probe_interval=probe_interval)
         self.writer.on_appended = self._appended
+        # The userData keys redacted before a row is first written (log.append), spool drains included.
+        self.writer.context.redact_keys = frozenset(redact_keys)
         self.sessions = [GwsSession(c, self.writer, instance=self.instance, on_session_id=self._session_started,
                                     snapshot_timeout=snapshot_timeout, **client_options) for c in configs]
         self._by_source = {s.source: s for s in self.sessions}

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 
-from sqlalchemy import or_, select
+from sqlalchemy import Connection, and_, bindparam, func, or_, select, update
 
 from ..bulk import insert_rows
-from ..log import MAX_JSON_BYTES, SNAPSHOT_EVENT
-from ..notifications import ERROR, MAX_KEY_BYTES, as_text, snapshot_workitems, too_long
-from ..reading import select_in
-from ..schema import workitems
+from ..log import MAX_JSON_BYTES, PROJECTABLE, SNAPSHOT_EVENT
+from ..notifications import ERROR, MAX_KEY_BYTES, NOTIFICATION, SNAPSHOT, as_text, snapshot_workitems, too_long
+from ..reading import pages, select_in
+from ..schema import event_log, projection_checkpoints, workitems
+from ..strict_json import load_json
 from .base import Projection
 
 # The state of a workitem that was open in the store, held by a source, and absent from that
@@ -163,12 +164,89 @@ def _observe(row: dict, workitem: dict, event) -> None:
     if capabilities is not None:
         row["capabilities"] = capabilities
     if workitem.get("userData") is not None:
-        row["user_data"] = _bounded(workitem["userData"], event) if event.large else workitem["userData"]
+        row["user_data"] = _bounded(workitem["userData"], event.seq) if event.large else workitem["userData"]
     row["source"] = event.source
 
 
-def _bounded(value, event):
-    """``value``, or its degraded form when its JSON text is over MAX_JSON_BYTES (too large for
-    jsonb; the same on both engines, so that both stores stay identical)."""
+def _bounded(value, seq: int):
+    """``value`` (of the log row ``seq``), or its degraded form when its JSON text is over
+    MAX_JSON_BYTES (too large for jsonb; the same on both engines, so that both stores stay
+    identical)."""
     size = len(json.dumps(value))
-    return value if size <= MAX_JSON_BYTES else {"$too_large": {"bytes": size, "seq": event.seq}}
+    return value if size <= MAX_JSON_BYTES else {"$too_large": {"bytes": size, "seq": seq}}
+
+
+def refresh_user_data(conn: Connection, changed_from: dict[str, int]) -> list[str]:
+    """Recompute ``user_data`` of workitems from the log as it is now, after a redaction
+    (store/redaction.py) of rows of each workitem at or after seq ``changed_from[workitem]``,
+    exactly as a rebuild up to the projection's checkpoint would: the userData of the last
+    projectable event carrying a non-null one for the workitem (a notification of it other than
+    Error, or a snapshot listing it), through ``_bounded``.  Only that event can have changed
+    the value, and only if it is at or after ``changed_from``: the log before is not read, nor
+    other workitems.  Returns the workitems whose row changed."""
+    checkpoint = conn.execute(select(projection_checkpoints.c.last_seq)
+                              .where(projection_checkpoints.c.projection == Workitems.name)).scalar()
+    w, c = workitems.c, event_log.c
+    stored = {r.workitem_id: r for r in select_in(conn, select(w.workitem_id, w.user_data, w.last_seq),
+                                                  [w.workitem_id], sorted(changed_from))}
+    if not checkpoint or not stored:
+        return []
+    low = min(changed_from[wid] for wid in stored) - 1
+    found: dict[str, tuple[int, object]] = {}  # workitem -> (seq, the user_data that event sets)
+    # Notifications: the last one of each workitem whose text may hold a userData (the text test
+    # in SQL: cheap), and only where that one has none, every one.
+    notifications = and_(PROJECTABLE, c.kind == NOTIFICATION, c.notification_type != ERROR, c.seq > low,
+                         c.seq <= checkpoint)
+    may_hold = or_(c.payload.contains('"userData"'), c.payload.contains("\\", autoescape=True))
+    last = select(func.max(c.seq)).where(notifications, may_hold).group_by(c.workitem_id)
+    seqs = [seq for (seq,) in select_in(conn, last, [c.workitem_id], list(stored))]
+    query = select(c.seq, c.workitem_id, c.payload)
+    missed = _notifications_user_data(select_in(conn, query, [c.seq], seqs), changed_from, found)
+    _notifications_user_data(select_in(conn, query.where(notifications), [c.workitem_id], sorted(missed)),
+                             changed_from, found)
+    high = min(checkpoint, max(r.last_seq for r in stored.values()))
+    for rows in pages(conn, select(c.seq, c.payload).where(PROJECTABLE, c.kind == SNAPSHOT), low, high):
+        for seq, payload in rows:
+            message = _message(payload, SNAPSHOT)
+            for wid, resource in (snapshot_workitems(message) if message is not None else {}).items():
+                if wid in stored and seq >= changed_from[wid] and resource.get("userData") is not None \
+                        and seq > found.get(wid, (0,))[0]:
+                    found[wid] = (seq, _user_data_of(resource, seq, payload))
+    changed = [wid for wid, (_, value) in found.items() if value != stored[wid].user_data]
+    if changed:
+        conn.execute(update(workitems).where(w.workitem_id == bindparam("wid")).values(user_data=bindparam("value")),
+                     [{"wid": wid, "value": found[wid][1]} for wid in changed])
+    return changed
+
+
+def _notifications_user_data(rows, changed_from: dict[str, int], found: dict[str, tuple[int, object]]) -> set[str]:
+    """Put in ``found`` the user_data that the notifications ``rows`` (seq, workitem, payload)
+    at or after ``changed_from`` set, the last one winning; the workitems of rows that set none."""
+    missed = set()
+    for seq, wid, payload in rows:
+        if seq < changed_from[wid]:
+            continue
+        message = _message(payload, NOTIFICATION)
+        workitem = message["data"].get("workitem") if message is not None else None
+        if not isinstance(workitem, dict) or workitem.get("userData") is None:
+            missed.add(wid)
+        elif seq > found.get(wid, (0,))[0]:
+            found[wid] = (seq, _user_data_of(workitem, seq, payload))
+    return missed
+
+
+def _message(payload: str, kind: str) -> dict | None:
+    """A projectable row's payload as ``log.event_from_row`` reads it (a notification's with
+    its ``data`` object); None when it cannot be read so (a projection skips the row)."""
+    try:
+        message = load_json(payload)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or (kind == NOTIFICATION and not isinstance(message.get("data"), dict)):
+        return None
+    return message
+
+
+def _user_data_of(workitem: dict, seq: int, payload: str):
+    """``user_data`` as ``_observe`` sets it from ``workitem`` (of the log row ``seq``)."""
+    return _bounded(workitem["userData"], seq) if len(payload) > MAX_JSON_BYTES else workitem["userData"]
