@@ -199,9 +199,10 @@ def _redacted(conn: Connection, items: list[tuple[Notification, Batch]], keys: f
         changed = redaction.redact_payload(n.payload, n.kind, keys) if keys else None
         if changed is not None:
             user = user or redaction.database_user(conn)
-            payload, changed_keys = changed
+            payload, changed_keys, workitems = changed
             records.setdefault(i, []).append({"redacted_at": now, "reason": INGEST_REASON, "keys": changed_keys,
-                                              "payload_sha256": payload_sha256(payload), "redacted_by": user})
+                                              "workitems": workitems, "payload_sha256": payload_sha256(payload),
+                                              "redacted_by": user})
             n = replace(n, payload=payload)
         stored.append((n, batch))
     return stored

@@ -38,19 +38,26 @@ MARKER = "[REDACTED]"
 _SURROGATE = re.compile("[\ud800-\udfff]")  # (json.dumps writes a lone one raw: not UTF-8)
 
 
-def user_data_objects(message: Any, kind: str) -> list[dict]:
-    """The userData objects of a parsed payload of ``kind`` (none for other kinds, or where a
-    userData is not an object)."""
+def scoped_user_data(message: Any, kind: str) -> list[tuple[str, dict]]:
+    """The userData objects of a parsed payload of ``kind``, each with the id (as text; "" when
+    it has none) of the workitem it belongs to (none for other kinds, or where a userData is not
+    an object)."""
     if not isinstance(message, dict):
         return []
     if kind == NOTIFICATION:
         data = message.get("data")
-        workitem = data.get("workitem") if isinstance(data, dict) else None
-        user_data = workitem.get("userData") if isinstance(workitem, dict) else None
-        return [user_data] if isinstance(user_data, dict) else []
-    if kind == SNAPSHOT and isinstance(items := message.get("workitems"), list):
-        return [w["userData"] for w in items if isinstance(w, dict) and isinstance(w.get("userData"), dict)]
-    return []
+        workitems = [data.get("workitem")] if isinstance(data, dict) else []
+    elif kind == SNAPSHOT and isinstance(message.get("workitems"), list):
+        workitems = message["workitems"]
+    else:
+        return []
+    return [(as_text(w.get("id")) or "", w["userData"]) for w in workitems
+            if isinstance(w, dict) and isinstance(w.get("userData"), dict)]
+
+
+def user_data_objects(message: Any, kind: str) -> list[dict]:
+    """The userData objects of a parsed payload of ``kind`` (see ``scoped_user_data``)."""
+    return [user_data for _, user_data in scoped_user_data(message, kind)]
 
 
 def parse(payload: str, kind: str) -> Any | None:
@@ -68,20 +75,26 @@ def parse(payload: str, kind: str) -> Any | None:
         return None
 
 
-def redact_value(message: Any, kind: str, keys: Collection[str] | None) -> tuple[list[str], bool]:
-    """Replace, in place, the values of ``keys`` (None: every key) in each userData object of
-    ``message`` by MARKER; (sorted keys whose value changed, whether a chosen key already held
-    MARKER)."""
+def redact_value(message: Any, kind: str, keys: Collection[str] | None,
+                 workitems: Collection[str] | None = None) -> tuple[list[str], bool, list[str]]:
+    """Replace, in place, the values of ``keys`` (None: every key) in the userData objects of
+    ``message`` that belong to ``workitems`` (None: all of them) by MARKER; (sorted keys whose
+    value changed, whether a chosen key already held MARKER, sorted workitems whose userData
+    changed)."""
     changed: set[str] = set()
+    changed_workitems: set[str] = set()
     already = False
-    for user_data in user_data_objects(message, kind):
+    for workitem, user_data in scoped_user_data(message, kind):
+        if workitems is not None and workitem not in workitems:
+            continue
         for key in (list(user_data) if keys is None else [k for k in keys if k in user_data]):
             if user_data[key] == MARKER:
                 already = True
             else:
                 user_data[key] = MARKER
                 changed.add(key)
-    return sorted(changed), already
+                changed_workitems.add(workitem)
+    return sorted(changed), already, sorted(changed_workitems)
 
 
 def serialise(message: Any) -> str:
@@ -93,17 +106,19 @@ def serialise(message: Any) -> str:
     return text
 
 
-def redact_payload(payload: str, kind: str, keys: Collection[str] | None) -> tuple[str, list[str]] | None:
-    """``payload`` with the values of ``keys`` (None: every key) in each userData replaced by
-    MARKER: (the new payload text, the sorted keys whose value changed), or None when nothing
+def redact_payload(payload: str, kind: str, keys: Collection[str] | None,
+                   workitems: Collection[str] | None = None) -> tuple[str, list[str], list[str]] | None:
+    """``payload`` with the values of ``keys`` (None: every key) in the userData of
+    ``workitems`` (None: every userData) replaced by MARKER: (the new payload text, the sorted
+    keys whose value changed, the sorted workitems whose userData changed), or None when nothing
     changes (already redacted, no such key, no userData object, not JSON)."""
     message = parse(payload, kind)
     if message is None:
         return None
-    changed, _ = redact_value(message, kind, keys)
+    changed, _, changed_workitems = redact_value(message, kind, keys, workitems)
     if not changed:
         return None
-    return serialise(message), changed
+    return serialise(message), changed, changed_workitems
 
 
 def sha256_hex(text: str) -> str:
@@ -112,14 +127,19 @@ def sha256_hex(text: str) -> str:
 
 def record(conn: Connection, rows: list[dict]) -> None:
     """Insert redactions rows, in the caller's transaction: each a dict of seq, redacted_at (an
-    aware datetime), reason, keys (a list), payload_sha256 (of the payload after it) and
-    redacted_by."""
+    aware datetime), reason, keys and workitems (lists), payload_sha256 (of the payload after
+    it) and redacted_by."""
     if rows:
         conn.execute(redactions.insert(), [
             {"seq": r["seq"], "redacted_at": r["redacted_at"], "reason": r["reason"],
-             "keys": json.dumps(sorted(r["keys"]), ensure_ascii=False, separators=(",", ":")),
+             "keys": json_list(r["keys"]), "workitems": json_list(r["workitems"]),
              "payload_sha256": r["payload_sha256"], "redacted_by": r["redacted_by"]}
             for r in rows])
+
+
+def json_list(values: Collection[str]) -> str:
+    """A record's keys or workitems as stored: a JSON array, sorted."""
+    return json.dumps(sorted(values), ensure_ascii=False, separators=(",", ":"))
 
 
 def database_user(conn: Connection) -> str:
@@ -243,13 +263,12 @@ def _scan(conn: Connection, query: Select, selection: Selection, keys: Collectio
             message = parse(payload, kind)
             if message is None or not _matches(message, kind, workitem_id, selection):
                 continue
-            changed, already = redact_value(message, kind, keys)
+            changed, already, workitems = redact_value(message, kind, keys, _scope(message, kind, selection))
             if not changed:
                 result.already += already
                 continue
-            listed = list(_listed(message)) if kind == SNAPSHOT else []
-            changes.append({"seq": seq, "kind": kind, "workitems": [workitem_id] if workitem_id else listed,
-                            "keys": changed, "payload": serialise(message)})
+            changes.append({"seq": seq, "kind": kind, "workitems": workitems, "keys": changed,
+                            "payload": serialise(message)})
             if len(changes) >= chunk:
                 return after, changes
     return upto, changes
@@ -263,6 +282,18 @@ def _matches(message: Any, kind: str, workitem_id: str | None, selection: Select
         key, value = selection.user_data
         return any(key in u and as_text(u[key]) == value for u in user_data_objects(message, kind))
     return True
+
+
+def _scope(message: Any, kind: str, selection: Selection) -> set[str] | None:
+    """The workitems whose userData a selected row's redaction changes: those the selection
+    names (by --workitem, and by --user-data those whose userData holds the value), so that a
+    snapshot listing other workitems keeps their userData; None (all) for --received-before alone."""
+    scope: set[str] | None = set(selection.workitems) if selection.workitems else None
+    if selection.user_data is not None:
+        key, value = selection.user_data
+        holding = {wid for wid, u in scoped_user_data(message, kind) if key in u and as_text(u[key]) == value}
+        scope = holding if scope is None else scope & holding
+    return scope
 
 
 def _listed(message: Any) -> dict[str, dict]:
@@ -281,12 +312,14 @@ def _write(conn: Connection, changes: list[dict], reason: str, result: ForgetRes
     for change in changes:
         change["payload_sha256"] = sha256_hex(change["payload"])
     record(conn, [{"seq": ch["seq"], "redacted_at": now, "reason": reason, "keys": ch["keys"],
-                   "payload_sha256": ch["payload_sha256"], "redacted_by": user} for ch in changes])
+                   "workitems": ch["workitems"], "payload_sha256": ch["payload_sha256"], "redacted_by": user}
+                  for ch in changes])
     conn.execute(text("UPDATE event_log SET payload = :payload WHERE seq = :seq"),
                  [{"payload": ch["payload"], "seq": ch["seq"]} for ch in changes])
     result.redacted += len(changes)
     changed_from: dict[str, int] = {}
     for change in changes:  # (in seq order: the first is the least)
         for wid in change["workitems"]:
-            changed_from.setdefault(wid, change["seq"])
+            if wid:  # (a userData of a snapshot entry without an id: no workitems row)
+                changed_from.setdefault(wid, change["seq"])
     result.workitems.update(refresh_user_data(conn, changed_from))

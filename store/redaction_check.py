@@ -6,8 +6,8 @@ in ``redactions``; the row keeps its original payload_sha256 and chain_hash.  It
 accepted when the newest record of its seq holds the payload's SHA-256, the payload is JSON in
 the one form a redaction writes (``redaction.serialise``: no duplicate key or other spelling
 can keep a value out of sight), it still reads as the row was classified (every extracted
-column and the quarantine reason as stored), and every key any record of the seq names is
-MARKER wherever a userData object holds it (and at least one does).  Anything else is what
+column and the quarantine reason as stored), and every key a record of the seq names is MARKER
+wherever a userData object of the workitems that record names holds it (and at least one does).  Anything else is what
 it was before redactions existed: tampering.
 
 The records themselves are not in the hash chain: what they say of when, why and by whom is
@@ -28,12 +28,12 @@ from sqlalchemy import Connection, select
 from .log import payload_sha256
 from .notifications import CLAIM_REFUSED, EXTRACTED, Notification, parse_timestamp, reclassify, utc_text
 from .reading import select_in
-from .redaction import MARKER, serialise, user_data_objects
+from .redaction import MARKER, scoped_user_data, serialise
 from .schema import event_log, redactions
 from .strict_json import load_json
 
 # A record as export and proofs carry it, and as the check reads it.
-RECORD_FIELDS = ("redacted_at", "reason", "keys", "payload_sha256", "redacted_by")
+RECORD_FIELDS = ("redacted_at", "reason", "keys", "workitems", "payload_sha256", "redacted_by")
 _extracted = operator.attrgetter(*EXTRACTED)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -45,12 +45,11 @@ def problem(payload: str, kind: str, quarantine_reason: str | None, records: Seq
     when it is one."""
     if not records:
         return "no redaction record"
-    keys: set[str] = set()
     for record in records:
-        if not isinstance(record.get("keys"), list) or not record["keys"] or \
-                not all(isinstance(k, str) for k in record["keys"]):
-            return "a redaction record's keys are not a non-empty list of texts"
-        keys.update(record["keys"])
+        for field in ("keys", "workitems"):
+            if not isinstance(record.get(field), list) or not record[field] or \
+                    not all(isinstance(k, str) for k in record[field]):
+                return f"a redaction record's {field} are not a non-empty list of texts"
     if records[-1].get("payload_sha256") != payload_sha256(payload):
         return "the payload does not hash to the newest redaction record's payload_sha256"
     try:
@@ -64,11 +63,12 @@ def problem(payload: str, kind: str, quarantine_reason: str | None, records: Seq
         return "the payload does not classify as the row's quarantine reason says"
     if extracted is not None and _extracted(derived) != tuple(extracted):
         return "the payload's extracted columns are not the row's"
-    objects = user_data_objects(value, kind)
-    for key in sorted(keys):
-        holding = [o[key] for o in objects if key in o]
-        if not holding or any(v != MARKER for v in holding):
-            return f"userData key {key!r} is not {MARKER} in the payload"
+    objects = scoped_user_data(value, kind)
+    for record in records:
+        for key in record["keys"]:
+            holding = [o[key] for wid, o in objects if wid in record["workitems"] and key in o]
+            if not holding or any(v != MARKER for v in holding):
+                return f"userData key {key!r} of {', '.join(record['workitems'])} is not {MARKER} in the payload"
     return None
 
 
@@ -87,10 +87,8 @@ def read_records(conn: Connection, seqs: Iterable[int]) -> dict[int, list[dict]]
 def _record(values: list) -> dict:
     record = dict(zip(RECORD_FIELDS, values, strict=True))
     record["redacted_at"] = utc_text(record["redacted_at"])
-    try:
-        record["keys"] = json.loads(record["keys"])
-    except ValueError:
-        pass  # (left as the text it is: ``problem`` refuses it)
+    for field in ("keys", "workitems"):
+        record[field] = _list(record[field])
     return record
 
 
@@ -107,9 +105,11 @@ def holding(conn: Connection, rows: Sequence[tuple[int, str, str | None, str]]) 
     first, last = rows[0][0], rows[-1][0]
     r, c = redactions.c, event_log.c
     records: dict[int, list[dict]] = {}
-    for seq, keys, digest in conn.execute(select(r.seq, r["keys"], r.payload_sha256)
-                                          .where(r.seq >= first, r.seq <= last).order_by(r.seq, r.id)):
-        records.setdefault(seq, []).append({"keys": _keys(keys), "payload_sha256": digest})
+    for seq, keys, workitems, digest in conn.execute(
+            select(r.seq, r["keys"], r.workitems, r.payload_sha256)
+            .where(r.seq >= first, r.seq <= last).order_by(r.seq, r.id)):
+        records.setdefault(seq, []).append({"keys": _list(keys), "workitems": _list(workitems),
+                                            "payload_sha256": digest})
     if not records:
         return set()
     wanted = {row[0] for row in rows} & records.keys()
@@ -120,9 +120,9 @@ def holding(conn: Connection, rows: Sequence[tuple[int, str, str | None, str]]) 
 
 
 @functools.lru_cache(maxsize=1024)
-def _keys(text: str) -> list | str:
-    """A record's keys (JSON text) as a list, or the text when it is not JSON (``problem``
-    refuses it); the same few key lists recur in every record of a retention run."""
+def _list(text: str) -> list | str:
+    """A record's keys or workitems (JSON text) as a list, or the text when it is not JSON
+    (``problem`` refuses it); the same few lists recur in the records of a retention run."""
     try:
         return json.loads(text)
     except ValueError:

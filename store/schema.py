@@ -282,8 +282,9 @@ seals = Table(
 )
 
 # Each redaction of a log row (store/redaction.py, its only writer; docs/RULES.md): the userData
-# keys whose values were replaced by the marker (a JSON array, sorted), and the SHA-256 of the
-# payload text after it.  Append-only; the newest row of a seq matches its stored payload.
+# keys whose values were replaced by the marker and the workitems whose userData held them (JSON
+# arrays, sorted), and the SHA-256 of the payload text after it.  Append-only; the newest row
+# of a seq matches its stored payload.
 redactions = Table(
     "redactions",
     metadata,
@@ -292,6 +293,7 @@ redactions = Table(
     Column("redacted_at", UTCDateTime, nullable=False),
     Column("reason", Text, nullable=False),
     Column("keys", Text, nullable=False),
+    Column("workitems", Text, nullable=False),
     Column("payload_sha256", String(64), nullable=False),
     Column("redacted_by", Text, nullable=False),
     Index(None, "seq"),

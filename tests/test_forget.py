@@ -73,7 +73,7 @@ def test_forget_a_customer_leaves_no_trace_and_the_store_verifies(store):
     assert SECRET in _everything(store)
     result = run("forget", "--user-data", f"Customer={SECRET}", "--reason", "erasure request 117", "--db", store)
     # rows 1, 2 (duplicate), 4, 6 (quarantined) and the snapshot (8)
-    assert result.output.startswith("forget: 5 rows redacted, 0 already redacted; 2 workitems refreshed: w1, w2")
+    assert result.output.startswith("forget: 5 rows redacted, 0 already redacted; 1 workitems refreshed: w1\n")
     assert SECRET not in _everything(store)
     export = run("export", "--db", store).output
     assert SECRET not in export and MARKER in export
@@ -97,10 +97,14 @@ def test_forget_a_customer_leaves_no_trace_and_the_store_verifies(store):
         assert record.payload_sha256 == redaction.sha256_hex(row.payload) != row.payload_sha256  # hash: the original
         assert record.reason == "erasure request 117" and record.redacted_by
     assert json.loads(records[0].keys) == ["Customer", "Phone"]
+    assert [json.loads(r.workitems) for r in records] == [["w1"]] * 5
     assert json.loads(rows[1].payload)["data"]["workitem"]["userData"] == {"Customer": MARKER, "Phone": MARKER}
     assert json.loads(rows[3].payload)["data"]["workitem"]["userData"]["Customer"] == "C1111"  # w2's own rows: kept
-    # The snapshot lists w2 too: its userData objects are redacted with w1's (whole rows are redacted).
-    assert user_data == {"w1": {"Customer": MARKER, "Tier": MARKER}, "w2": {"Customer": MARKER},
+    # The snapshot lists w2 too: only w1's userData in it is redacted, w2's (another customer) is kept.
+    snapshot_body = json.loads(rows[8].payload)
+    assert [w["userData"] for w in snapshot_body["workitems"]] == [{"Customer": MARKER, "Tier": MARKER},
+                                                                   {"Customer": "C1111"}]
+    assert user_data == {"w1": {"Customer": MARKER, "Tier": MARKER}, "w2": {"Customer": "C1111"},
                          "w3": "not an object"}
 
 
@@ -170,7 +174,8 @@ def _record(url: str, seq: int, payload: str) -> None:
     try:
         with write_transaction(engine) as conn:
             redaction.record(conn, [{"seq": seq, "redacted_at": dt.datetime.now(dt.UTC), "reason": "test",
-                                     "keys": ["Customer"], "payload_sha256": redaction.sha256_hex(payload),
+                                     "keys": ["Customer"], "workitems": ["w1"],
+                                     "payload_sha256": redaction.sha256_hex(payload),
                                      "redacted_by": redaction.database_user(conn)}])
     finally:
         engine.dispose()
@@ -181,8 +186,8 @@ def test_the_triggers_refuse_every_other_change(store):
     with engine.connect() as conn:
         payload = conn.execute(select(event_log.c.payload).where(event_log.c.seq == 1)).scalar_one()
     engine.dispose()
-    new, keys = redact_payload(payload, "notification", ["Customer"])
-    assert keys == ["Customer"]
+    new, keys, workitems = redact_payload(payload, "notification", ["Customer"])
+    assert (keys, workitems) == (["Customer"], ["w1"])
     refused = [
         ("UPDATE event_log SET payload = :p WHERE seq = 1", {"p": new}),  # no record yet
         ("UPDATE event_log SET source = 'x' WHERE seq = 1", {}),
@@ -270,8 +275,8 @@ def test_seals_still_verify_after_forget(store, tmp_path):
 
 def test_redact_payload_shapes():
     message = bayeux(data(wid="w1", user_data={"b": 1, "a": {"x": [1]}, "é": "ü"}), mid="7")
-    new, keys = redact_payload(message, "notification", None)
-    assert keys == ["a", "b", "é"]
+    new, keys, workitems = redact_payload(message, "notification", None)
+    assert (keys, workitems) == (["a", "b", "é"], ["w1"])
     assert new == ('{"channel":"/v2/me/workitems","id":"7","data":{"messageType":"WorkitemStateChangeMessage",'
                    '"notificationType":"StatusChange","workitem":{"id":"w1","userData":'
                    '{"b":"[REDACTED]","a":"[REDACTED]","é":"[REDACTED]"}}}}')
@@ -282,10 +287,14 @@ def test_redact_payload_shapes():
     assert redact_payload(bare(data(user_data={"a": 1})), "session", None) is None
     body = json.dumps({"statusCode": 0, "workitems": [{"id": "a", "userData": {"k": 1}}, {"id": "b"},
                                                       {"id": "c", "userData": {"k": 2, "j": 3}}]})
-    new, keys = redact_payload(body, "snapshot", ["k"])
-    assert keys == ["k"]
+    new, keys, workitems = redact_payload(body, "snapshot", ["k"])
+    assert (keys, workitems) == (["k"], ["a", "c"])
     assert [w.get("userData") for w in json.loads(new)["workitems"]] == [
         {"k": MARKER}, None, {"k": MARKER, "j": 3}]
+    # Only the userData of the workitems asked for: the others in the snapshot are kept.
+    new, keys, workitems = redact_payload(body, "snapshot", None, workitems={"c"})
+    assert (keys, workitems) == (["j", "k"], ["c"])
+    assert [w.get("userData") for w in json.loads(new)["workitems"]] == [{"k": 1}, None, {"k": MARKER, "j": MARKER}]
     # Numbers beyond 64 bits elsewhere in the payload are kept exactly.
     big = '{"data":{"n":123456789012345678901234567890,"workitem":{"id":"w","userData":{"k":"v"}}}}'
     assert redact_payload(big, "notification", None)[0] == big.replace('"v"', '"[REDACTED]"')

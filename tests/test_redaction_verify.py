@@ -123,9 +123,12 @@ def test_the_exact_path_accepts_the_same_redactions(store, monkeypatch):
 
 
 def _record(conn, seq: int, payload: str, keys: list[str]) -> None:
-    """A redactions row for ``payload`` (a forger's: the table takes INSERTs)."""
+    """A redactions row for ``payload`` (a forger's: the table takes INSERTs), naming every
+    workitem of the row."""
+    workitems = [wid for wid, _ in redaction.scoped_user_data(json.loads(payload), "notification")] or [""]
     redaction.record(conn, [{"seq": seq, "redacted_at": at(100), "reason": "forged", "keys": keys,
-                             "payload_sha256": redaction.sha256_hex(payload), "redacted_by": "mallory"}])
+                             "workitems": workitems, "payload_sha256": redaction.sha256_hex(payload),
+                             "redacted_by": "mallory"}])
 
 
 def _triggers_off(conn) -> None:

@@ -1,8 +1,8 @@
 """Erasure: the append-only table ``redactions``, and event_log's one permitted UPDATE.
 
 ``redactions``: one row per redaction of a log row (store/redaction.py is its only writer):
-which userData keys of which seq were replaced by the marker, when, why, by whom, and the
-SHA-256 of the payload text after it.  Append-only, like seals.
+which userData keys of which workitems in which seq were replaced by the marker, when, why, by
+whom, and the SHA-256 of the payload text after it.  Append-only, like seals.
 
 event_log's UPDATE trigger is replaced: an UPDATE may change ``payload`` alone (every other
 column IS NOT DISTINCT FROM its old value), and only to a text whose SHA-256 is the
@@ -80,6 +80,7 @@ def upgrade() -> None:
         sa.Column("redacted_at", UTC, nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("keys", sa.Text(), nullable=False),
+        sa.Column("workitems", sa.Text(), nullable=False),
         sa.Column("payload_sha256", sa.String(64), nullable=False),
         sa.Column("redacted_by", sa.Text(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_redactions")),
