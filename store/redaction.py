@@ -142,14 +142,26 @@ def json_list(values: Collection[str]) -> str:
     return json.dumps(sorted(values), ensure_ascii=False, separators=(",", ":"))
 
 
-def database_user(conn: Connection) -> str:
-    """Who redacts: PostgreSQL's current_user; on SQLite (no users), the OS login name."""
-    if conn.dialect.name == "postgresql":
-        return str(conn.exec_driver_sql("SELECT current_user").scalar_one())
+def redactor(engine: Engine) -> str:
+    """``database_user`` without a connection (the spool redacts while the database is down):
+    the URL's user on PostgreSQL, the OS login name on SQLite."""
+    if engine.dialect.name == "postgresql" and engine.url.username:
+        return engine.url.username
+    return _login_name()
+
+
+def _login_name() -> str:
     try:
         return getpass.getuser()
     except (OSError, KeyError):  # (no login name in the environment nor the password database)
         return f"uid {os.getuid()}"
+
+
+def database_user(conn: Connection) -> str:
+    """Who redacts: PostgreSQL's current_user; on SQLite (no users), the OS login name."""
+    if conn.dialect.name == "postgresql":
+        return str(conn.exec_driver_sql("SELECT current_user").scalar_one())
+    return _login_name()
 
 
 # -- forget: select, redact, record, refresh ---------------------------------------------------

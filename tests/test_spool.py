@@ -204,3 +204,52 @@ def test_entries_a_slow_commit_stored_after_all_are_not_drained_twice(engine, tm
     assert refs(engine) == [("session", "started"), ("notification", 1), ("notification", 2)]
     with engine.connect() as conn:
         assert conn.execute(select(event_log.c.seq)).all()[-1][0] == 3
+
+
+def test_keys_redacted_at_ingest_are_redacted_in_the_spool_too(engine, tmp_path):
+    """With keys to redact at ingest and the log locked, the spool's file never holds their clear
+    values; drained, each row is stored as if redacted on arrival: the marker, the received
+    text's SHA-256 (the chain and duplicates as without redaction), a redactions record."""
+    from store.log import INGEST_REASON, payload_sha256
+    from store.redaction import MARKER
+    from store.schema import redactions
+
+    release, spooled_bytes = threading.Event(), []
+    card = {"channel": "/v2/me/workitems",
+            "data": data("StatusChange", "W7", state="Invited", user_data={"CardNumber": "4111-1111", "Tier": "gold"})}
+    text_in = json.dumps(card)
+
+    async def main():
+        spool = Spool.create(tmp_path, "store")
+        writer = DurableLog(engine, spool, spool_after=0.3, probe_interval=0.2)
+        writer.context.redact_keys = frozenset({"CardNumber"})
+        writer.start()
+        await writer.append(started("s1", 0))
+        holder = threading.Thread(target=lambda: hold(release))
+        holder.start()
+        await asyncio.sleep(0.2)
+        await asyncio.wait_for(writer.append(Entry("notification", "agent-1", "s1", T0, [text_in])), 2)
+        assert writer.spooling
+        spooled_bytes.append((spool.directory / "entries.jsonl").read_bytes())
+        release.set()
+        holder.join()
+        await eventually(lambda: not writer.spooling, "the drain")
+        await writer.close()
+
+    def hold(done):
+        with write_lock(engine):
+            done.wait(30)
+
+    run(main())
+    assert b"4111-1111" not in spooled_bytes[0] and MARKER.encode() in spooled_bytes[0]
+    with engine.connect() as conn:
+        row = conn.execute(select(event_log.c.seq, event_log.c.payload, event_log.c.payload_sha256)
+                           .where(event_log.c.workitem_id == "W7")).one()
+        records = conn.execute(select(redactions.c.seq, redactions.c.reason, redactions.c["keys"])).all()
+    assert json.loads(row.payload)["data"]["workitem"]["userData"] == {"CardNumber": MARKER, "Tier": "gold"}
+    assert row.payload_sha256 == payload_sha256(text_in)
+    assert [tuple(r) for r in records] == [(row.seq, INGEST_REASON, '["CardNumber"]')]
+    runner.project(engine)
+    with engine.connect() as conn:
+        report = verify(conn)
+    assert report.ok and report.redacted == 1

@@ -44,17 +44,23 @@ class Entry:
     session: str
     received_at: dt.datetime
     texts: list[str]
+    # With keys to redact at ingest, what the spool holds instead of clear values: per text,
+    # None (nothing redacted) or its redaction claim {"payload_sha256": the received text's,
+    # "record": its redactions record} (the text then redacted; writer.redacted_for_spool).
+    redacted: list[dict | None] | None = None
 
     def to_line(self) -> str:
-        return json.dumps({"kind": self.kind, "source": self.source, "session": self.session,
-                           "received_at": utc_text(self.received_at), "texts": self.texts},
-                          ensure_ascii=False) + "\n"
+        value: dict[str, object] = {"kind": self.kind, "source": self.source, "session": self.session,
+                                    "received_at": utc_text(self.received_at), "texts": self.texts}
+        if self.redacted is not None:
+            value["redacted"] = self.redacted
+        return json.dumps(value, ensure_ascii=False) + "\n"
 
     @classmethod
     def from_line(cls, line: str) -> Entry:
         value = json.loads(line)
         return cls(value["kind"], value["source"], value["session"], parse_timestamp(value["received_at"]),
-                   value["texts"])
+                   value["texts"], value.get("redacted"))
 
 
 def _fsync_dir(path: Path) -> None:

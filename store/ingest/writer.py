@@ -32,11 +32,11 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import Engine, func, select
 
-from .. import log
+from .. import log, redaction
 from ..bulk import collections_postponed
 from ..db import probe_writable, write_transaction
 from ..errors import StoreError
@@ -78,11 +78,38 @@ def _batch(entry: Entry) -> log.Batch:
 
 
 def notifications_of(entry: Entry) -> list[Notification]:
-    """The log rows of an entry, classified by the same rules as every input."""
+    """The log rows of an entry, classified by the same rules as every input (a text the spool
+    holds redacted with its claim: stored as redacted at ingest, its original hash kept)."""
     if entry.kind != NOTIFICATION:
-        return [classify_record(entry.kind, text, entry.session) for text in entry.texts]
-    # The text, not the message the Bayeux client parsed: the same checks as a file line.
-    return [parse_message(text, entry.session) for text in entry.texts]
+        rows = [classify_record(entry.kind, text, entry.session) for text in entry.texts]
+    else:  # the text, not the message the Bayeux client parsed: the same checks as a file line
+        rows = [parse_message(text, entry.session) for text in entry.texts]
+    for i, claim in enumerate(entry.redacted or ()):
+        if claim is not None:
+            rows[i] = replace(rows[i], redaction=(claim["payload_sha256"], (claim["record"],)))
+    return rows
+
+
+def redacted_for_spool(entry: Entry, keys: frozenset[str], redacted_by: str) -> Entry:
+    """``entry`` as the spool may hold it: the values of ``keys`` in its texts' userData replaced
+    by the marker, each such text with the claim the log stores it by (the received text's
+    SHA-256 and its record), so that no clear value of those keys reaches the disk."""
+    if not keys or entry.kind == SESSION:
+        return entry
+    texts: list[str] = []
+    claims: list[dict | None] = []
+    for text in entry.texts:
+        changed = redaction.redact_payload(text, entry.kind, keys)
+        if changed is None:
+            texts.append(text)
+            claims.append(None)
+            continue
+        payload, changed_keys, workitems = changed
+        texts.append(payload)
+        claims.append({"payload_sha256": redaction.sha256_hex(text), "record": {
+            "redacted_at": utc_text(dt.datetime.now(dt.UTC)), "reason": log.INGEST_REASON, "keys": changed_keys,
+            "workitems": workitems, "payload_sha256": redaction.sha256_hex(payload), "redacted_by": redacted_by}})
+    return entry if not any(claims) else replace(entry, texts=texts, redacted=claims)
 
 
 class DurableLog:
@@ -95,6 +122,7 @@ class DurableLog:
         self.status = WriterStatus(writable_since=time.time())
         self.transactions = 0
         self.context = log.AppendContext()
+        self._redactor = redaction.redactor(engine)  # who redacts what the spool holds (no database then)
         # The database work runs in threads of its own: a commit that hangs must not hold up
         # spooling, draining or probing.
         self._db = ThreadPoolExecutor(max_workers=8, thread_name_prefix="log-db")
@@ -195,7 +223,9 @@ class DurableLog:
                     if not self._spooling:
                         continue  # the drain caught up meanwhile: commit directly
                     try:
-                        await self._run(self._io, self.spool.append, [entry for entry, _ in wave])
+                        spooled = [redacted_for_spool(entry, self.context.redact_keys, self._redactor)
+                                   for entry, _ in wave]
+                        await self._run(self._io, self.spool.append, spooled)
                     except Exception as exc:  # noqa: BLE001 - fail these entries, never the write loop
                         logger.error("cannot write the spool %s: %s", self.spool.directory, exc)
                         for _, future in wave:
