@@ -213,12 +213,13 @@ def test_the_triggers_refuse_every_other_change(store):
         _update(store, "UPDATE event_log SET payload = :p WHERE seq = 1", p=new)
 
 
-def test_a_client_without_the_function_cannot_redact(store):
-    if not store.startswith("sqlite"):
-        pytest.skip("SQLite only: wis_sha256 is registered by the store's connections")
+def test_a_client_without_the_function_cannot_redact(tmp_path):
+    """SQLite: wis_sha256 exists only on the store's own connections."""
     import sqlite3
 
-    conn = sqlite3.connect(store.removeprefix("sqlite:///"))
+    path = tmp_path / "store.db"
+    load_store(f"sqlite:///{path}", _lines())
+    conn = sqlite3.connect(path)
     try:
         with pytest.raises(sqlite3.OperationalError, match="wis_sha256"):
             conn.execute("UPDATE event_log SET payload = payload || ' ' WHERE seq = 1")
