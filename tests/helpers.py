@@ -153,6 +153,29 @@ def canonical(rows: list[dict]) -> list[tuple]:
 
 # -- new databases: the one way the tests make a PostgreSQL database --------------------------------
 
+def unguard_log(conn) -> None:
+    """Let ``conn``'s transaction change event_log behind the store's back, as someone with
+    write access to the database can: its append-only triggers dropped (SQLite) or disabled
+    (PostgreSQL)."""
+    if conn.dialect.name == "sqlite":
+        for name in ("event_log_no_update", "event_log_no_delete"):
+            conn.execute(text(f"DROP TRIGGER IF EXISTS {name}"))
+    else:
+        conn.execute(text("ALTER TABLE event_log DISABLE TRIGGER USER"))
+
+
+def tamper_log(target, sql: str) -> None:
+    """Run ``sql`` on event_log of ``target`` (an engine or a URL) with its triggers out of the way."""
+    engine = create_engine(target, poolclass=NullPool) if isinstance(target, str) else target
+    try:
+        with engine.begin() as conn:
+            unguard_log(conn)
+            conn.execute(text(sql))
+    finally:
+        if isinstance(target, str):
+            engine.dispose()
+
+
 def create_database(server_url: str, name: str, *, template: str | None = None) -> str:
     """CREATE DATABASE ``name`` (a copy of ``template`` if given) on the PostgreSQL server of
     ``server_url``; -> the new database's URL (same user and password)."""

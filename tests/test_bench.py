@@ -8,7 +8,7 @@ import re
 import pytest
 from click.testing import CliRunner
 from conftest import PG_URL
-from helpers import feed
+from helpers import feed, tamper_log
 from sqlalchemy import select, text
 
 from store import log
@@ -132,16 +132,6 @@ def test_bench_takes_the_db_given_before_the_command_name():
 
 # -- verify's chain: the bulk path reports what the row-by-row reference reports -----------------
 
-def _tamper(engine, sql: str) -> None:
-    with engine.begin() as conn:
-        if conn.dialect.name == "sqlite":
-            for name in ("event_log_no_update", "event_log_no_delete"):
-                conn.execute(text(f"DROP TRIGGER IF EXISTS {name}"))
-        else:
-            conn.execute(text("ALTER TABLE event_log DISABLE TRIGGER USER"))
-        conn.execute(text(sql))
-
-
 def test_verify_chain_bulk_path_reports_as_the_row_by_row_reference(engine, monkeypatch):
     """verify_chain checks chunks of rows the store wrote in bulk (``_links_fast``) and any other
     chunk row by row (``_links_exact``); whatever is wrong, both make the same report, from seq 1
@@ -174,7 +164,7 @@ def test_verify_chain_bulk_path_reports_as_the_row_by_row_reference(engine, monk
         ("UPDATE event_log SET received_at = '2026-11-02 08:00:00' WHERE seq = 200", "chain_break", 200),
     ]
     for sql, problem, seq in tampering:
-        _tamper(engine, sql)
+        tamper_log(engine, sql)
         assert getattr(reports(), problem).seq == seq, sql
         assert getattr(reports(100, hashes[100]), problem).seq == seq, sql
     reader.dispose()

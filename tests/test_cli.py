@@ -11,8 +11,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import at, bare, bayeux, data, envelope, fresh_url, log_rows, projection_snapshot, run, table_rows
-from sqlalchemy import create_engine, func, select, text
+from helpers import (
+    at,
+    bare,
+    bayeux,
+    data,
+    envelope,
+    fresh_url,
+    log_rows,
+    projection_snapshot,
+    run,
+    table_rows,
+    tamper_log,
+)
+from sqlalchemy import func, select, text
 
 from store.cli.formatting import emit_rows
 from store.cli.ingest_cmds import invocation
@@ -145,23 +157,6 @@ def test_status_json(db_url, tmp_path):
 
 # -- verify ----------------------------------------------------------------------------------------
 
-def _tamper(url: str, statement: str) -> None:
-    """Run SQL on the log behind the store's back, with the append-only triggers out of the way."""
-    if url.startswith("sqlite"):
-        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
-        conn.execute("DROP TRIGGER IF EXISTS event_log_no_update")
-        conn.execute("DROP TRIGGER IF EXISTS event_log_no_delete")
-        conn.execute(statement)
-        conn.commit()
-        conn.close()
-    else:
-        engine = create_engine(url)
-        with engine.begin() as conn:
-            conn.execute(text("ALTER TABLE event_log DISABLE TRIGGER USER"))
-            conn.execute(text(statement))
-        engine.dispose()
-
-
 @pytest.fixture
 def imported(db_url, tmp_path):
     run("import", write(tmp_path / "a.jsonl", LINES), "--db", db_url)
@@ -172,7 +167,7 @@ def imported(db_url, tmp_path):
 
 
 def test_verify_detects_an_altered_payload(imported):
-    _tamper(imported, "UPDATE event_log SET payload = replace(payload, 'Processing', 'Completed') WHERE seq = 2")
+    tamper_log(imported, "UPDATE event_log SET payload = replace(payload, 'Processing', 'Completed') WHERE seq = 2")
     result = run("verify", "--db", imported, ok=False)
     assert result.exit_code == 1
     assert "chain BROKEN at seq 2: payload_sha256" in result.output
@@ -181,7 +176,7 @@ def test_verify_detects_an_altered_payload(imported):
 def test_verify_detects_a_rewritten_row_with_a_matching_payload_hash(imported):
     forged = LINES[1].replace("Processing", "Completed")
     digest = hashlib.sha256(forged.encode()).hexdigest()
-    _tamper(imported, f"UPDATE event_log SET payload = '{forged}', payload_sha256 = '{digest}' WHERE seq = 2")
+    tamper_log(imported, f"UPDATE event_log SET payload = '{forged}', payload_sha256 = '{digest}' WHERE seq = 2")
     report = json.loads(run("verify", "--json", "--db", imported, ok=False).output)
     assert report["ok"] is False
     assert (report["chain_break"]["seq"], report["chain_break"]["what"]) == (2, "chain_hash")
@@ -189,7 +184,7 @@ def test_verify_detects_a_rewritten_row_with_a_matching_payload_hash(imported):
 
 def test_verify_detects_an_extracted_column_that_disagrees_with_its_payload(imported):
     # The chain covers the payload, not the columns read out of it: verify re-reads them.
-    _tamper(imported, "UPDATE event_log SET workitem_id = 'forged' WHERE seq = 2")
+    tamper_log(imported, "UPDATE event_log SET workitem_id = 'forged' WHERE seq = 2")
     report = json.loads(run("verify", "--json", "--db", imported, ok=False).output)
     assert report["chain_break"] is None
     assert report["column_mismatch"]["seq"] == 2 and report["column_mismatch"]["what"] == "workitem_id"
@@ -199,7 +194,7 @@ def test_verify_detects_an_extracted_column_that_disagrees_with_its_payload(impo
 def test_a_row_no_projection_can_read_is_skipped_and_recorded_not_fatal(imported, tmp_path):
     # A payload replaced behind the store's back by text that is no message: projecting must
     # go on (the row is recorded in projection_errors), and verify still reports the tampering.
-    _tamper(imported, "UPDATE event_log SET payload = 'not a message' WHERE seq = 2")
+    tamper_log(imported, "UPDATE event_log SET payload = 'not a message' WHERE seq = 2")
     run("rebuild", "--db", imported)
     status = json.loads(run("status", "--json", "--db", imported).output)
     assert status["tables"]["projection_errors"] == len(PROJECTIONS)
@@ -221,7 +216,7 @@ def test_verify_fails_on_projections_that_lag_the_log(imported, tmp_path):
 
 
 def test_verify_detects_a_deleted_row(imported):
-    _tamper(imported, "DELETE FROM event_log WHERE seq = 3")
+    tamper_log(imported, "DELETE FROM event_log WHERE seq = 3")
     result = run("verify", "--db", imported, ok=False)
     assert "chain BROKEN at seq 3: seq" in result.output
 

@@ -25,10 +25,11 @@ from helpers import (
     snapshot,
     started,
     table_rows,
+    unguard_log,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from store import audit, log
 from store.export import export_lines
@@ -81,24 +82,16 @@ def test_markers_and_snapshots_are_logged_with_kind_session_and_chained(engine):
     # Turning a marker into a notification (or moving a row to another session) breaks the chain.
     for column, value in (("kind", "notification"), ("session", "i1/agent-1/2")):
         with engine.begin() as conn:
-            _without_triggers(conn)
+            unguard_log(conn)
             conn.execute(event_log.update().where(event_log.c.seq == 2).values({column: value}))
         with engine.connect() as conn:
             report = VerifyReport()
             verify_chain(conn, report)
             assert report.chain_break is not None and report.chain_break.seq == 2, column
         with engine.begin() as conn:
-            _without_triggers(conn)
+            unguard_log(conn)
             conn.execute(event_log.update().where(event_log.c.seq == 2)
                          .values({"kind": "session", "session": "i1/agent-1/1"}))
-
-
-def _without_triggers(conn) -> None:
-    if conn.dialect.name == "sqlite":
-        for name in ("event_log_no_update", "event_log_no_delete"):
-            conn.execute(text(f"DROP TRIGGER IF EXISTS {name}"))
-    else:
-        conn.execute(text("ALTER TABLE event_log DISABLE TRIGGER USER"))
 
 
 def test_export_and_import_keep_markers_snapshots_and_sessions(engine):

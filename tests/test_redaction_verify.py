@@ -29,6 +29,7 @@ from helpers import (
     snapshot,
     started,
     table_rows,
+    unguard_log,
 )
 from sqlalchemy import create_engine, select, text
 
@@ -131,13 +132,6 @@ def _record(conn, seq: int, payload: str, keys: list[str]) -> None:
                              "redacted_by": "mallory"}])
 
 
-def _triggers_off(conn) -> None:
-    if conn.dialect.name == "sqlite":
-        conn.execute(text("DROP TRIGGER event_log_no_update"))
-    else:
-        conn.execute(text("ALTER TABLE event_log DISABLE TRIGGER USER"))
-
-
 def _message(engine, seq: int) -> dict:
     return json.loads(payload_of(engine, seq))
 
@@ -149,7 +143,7 @@ def _canonical(message: dict) -> str:
 def _no_record_triggers_off(engine, conn, seq):
     message = _message(engine, seq)
     message["data"]["workitem"]["userData"]["Customer"] = redaction.MARKER
-    _triggers_off(conn)
+    unguard_log(conn)
     conn.execute(event_log.update().where(event_log.c.seq == seq).values(payload=_canonical(message)))
 
 
@@ -191,7 +185,7 @@ def _forged_duplicate_key(engine, conn, seq):
 def _changed_after_forget(engine, conn, seq):
     message = _message(engine, seq)
     message["data"]["workitem"]["state"] = "Completed"
-    _triggers_off(conn)
+    unguard_log(conn)
     conn.execute(event_log.update().where(event_log.c.seq == seq).values(payload=_canonical(message)))
 
 

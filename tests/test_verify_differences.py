@@ -6,24 +6,13 @@ from __future__ import annotations
 
 import datetime as dt
 
-from helpers import feed
+from helpers import feed, tamper_log
 from sqlalchemy import delete, select, text, update
 
 from store.projections import runner
 from store.schema import event_log, request_outcomes, workitem_transitions, workitems
 from store.simulate import simulate
 from store.verify import verify
-
-
-def _tamper_log(engine, sql: str) -> None:
-    """Change event_log behind the store's back (its triggers refuse any change)."""
-    with engine.begin() as conn:
-        if conn.dialect.name == "sqlite":
-            for name in ("event_log_no_update", "event_log_no_delete"):
-                conn.execute(text(f"DROP TRIGGER IF EXISTS {name}"))
-        else:
-            conn.execute(text("ALTER TABLE event_log DISABLE TRIGGER USER"))
-        conn.execute(text(sql))
 
 
 def _strings(value) -> list[str]:
@@ -94,7 +83,7 @@ def test_a_null_in_an_extracted_column_shows_as_null(engine):
     with engine.connect() as conn:
         seq, wid = conn.execute(select(event_log.c.seq, event_log.c.workitem_id)
                                 .where(event_log.c.workitem_id.is_not(None)).order_by(event_log.c.seq).limit(1)).one()
-    _tamper_log(engine, f"UPDATE event_log SET workitem_id = NULL WHERE seq = {seq}")
+    tamper_log(engine, f"UPDATE event_log SET workitem_id = NULL WHERE seq = {seq}")
     with engine.connect() as conn:
         report = verify(conn)
     bad = report.column_mismatch
