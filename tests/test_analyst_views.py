@@ -133,22 +133,19 @@ def _summary(engine) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def stores(request):
     """The same notifications in a SQLite store and a PostgreSQL store: (sqlite, postgresql)."""
-    kind = request.param
-    with fresh_store("sqlite") as sqlite_engine:
-        if kind == "lives":
-            feed(sqlite_engine, lives())
+    def fill(engine) -> None:
+        if request.param == "lives":
+            feed(engine, lives())
         else:
-            import_lines(sqlite_engine, simulate(2000, agents=5, noise_rate=0.02), source="file:stream.jsonl",
+            import_lines(engine, simulate(2000, agents=5, noise_rate=0.02), source="file:stream.jsonl",
                          file_name="stream.jsonl")
-        runner.project(sqlite_engine)
+        runner.project(engine)
+
+    with fresh_store("sqlite") as sqlite_engine:
+        fill(sqlite_engine)
         request.getfixturevalue("pg_admin")
         with fresh_store("postgresql") as pg_engine:
-            if kind == "lives":
-                feed(pg_engine, lives())
-            else:
-                import_lines(pg_engine, simulate(2000, agents=5, noise_rate=0.02), source="file:stream.jsonl",
-                             file_name="stream.jsonl")
-            runner.project(pg_engine)
+            fill(pg_engine)
             yield sqlite_engine, pg_engine
 
 
