@@ -67,9 +67,6 @@ def head(conn: Connection) -> tuple[int, str]:
 MICROSECOND = dt.timedelta(microseconds=1)
 
 
-INGEST_REASON = "redacted at ingest"  # the reason of the redactions made by ``redact_keys``
-
-
 @dataclass
 class AppendContext:
     """What one appender carries from one ``append`` call to the next: a cache of each
@@ -104,7 +101,7 @@ def append(conn: Connection, notifications: Sequence[Notification], *, source: s
     redacted row: ``Notification.redaction``) is stored as it is with its original
     payload_sha256 and its records; with ``context.redact_keys``, the values of those userData
     keys are replaced by the marker before the row is first written (``redaction.redact_payload``),
-    recorded with reason INGEST_REASON.  Either way payload_sha256 is the original's, so the
+    recorded with reason redaction.INGEST_REASON.  Either way payload_sha256 is the original's, so the
     duplicate rules and the chain are those of the row without redaction, and the redactions
     rows are written in the caller's transaction with the row.
     """
@@ -192,17 +189,14 @@ def _redacted(conn: Connection, items: list[tuple[Notification, Batch]], keys: f
     """``items`` as they are stored: a claimed redaction's records (checked when the line was
     read) kept, and ``keys`` redacted; the records of each changed item go to ``records``."""
     stored = []
-    now, user = dt.datetime.now(dt.UTC), None
+    now, user = dt.datetime.now(dt.UTC), redaction.database_user(conn) if keys else ""
     for i, (n, batch) in enumerate(items):
         if n.redaction is not None:
             records[i] = [{**r, "redacted_at": parse_timestamp(r["redacted_at"])} for r in n.redaction[1]]
-        changed = redaction.redact_payload(n.payload, n.kind, keys) if keys else None
+        changed = redaction.at_ingest(n.payload, n.kind, keys, user, now) if keys else None
         if changed is not None:
-            user = user or redaction.database_user(conn)
-            payload, changed_keys, workitems = changed
-            records.setdefault(i, []).append({"redacted_at": now, "reason": INGEST_REASON, "keys": changed_keys,
-                                              "workitems": workitems, "payload_sha256": payload_sha256(payload),
-                                              "redacted_by": user})
+            payload, record = changed
+            records.setdefault(i, []).append(record)
             n = replace(n, payload=payload)
         stored.append((n, batch))
     return stored

@@ -122,6 +122,21 @@ def redact_payload(payload: str, kind: str, keys: Collection[str] | None,
     return serialise(message), changed, changed_workitems
 
 
+INGEST_REASON = "redacted at ingest"  # the reason of the redactions made before a row is first written
+
+
+def at_ingest(payload: str, kind: str, keys: Collection[str], redacted_by: str,
+              now: dt.datetime) -> tuple[str, dict] | None:
+    """Redaction at ingest: ``payload`` with the values of ``keys`` replaced before it is first
+    written, and its record (redacted_at ``now``, without seq); None when nothing changes."""
+    changed = redact_payload(payload, kind, keys)
+    if changed is None:
+        return None
+    text, changed_keys, workitems = changed
+    return text, {"redacted_at": now, "reason": INGEST_REASON, "keys": changed_keys, "workitems": workitems,
+                  "payload_sha256": sha256_hex(text), "redacted_by": redacted_by}
+
+
 def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 

@@ -38,9 +38,10 @@ from store.db import open_store, write_transaction
 from store.db import snapshot as db_snapshot
 from store.export import export_lines
 from store.ingest.files import import_stream
-from store.log import INGEST_REASON, payload_sha256
+from store.log import payload_sha256
 from store.notifications import CLAIM_REFUSED
 from store.projections import runner
+from store.redaction import INGEST_REASON
 from store.schema import event_log, redactions
 
 SECRET = "C5947"

@@ -210,8 +210,8 @@ def test_keys_redacted_at_ingest_are_redacted_in_the_spool_too(engine, tmp_path)
     """With keys to redact at ingest and the log locked, the spool's file never holds their clear
     values; drained, each row is stored as if redacted on arrival: the marker, the received
     text's SHA-256 (the chain and duplicates as without redaction), a redactions record."""
-    from store.log import INGEST_REASON, payload_sha256
-    from store.redaction import MARKER
+    from store.log import payload_sha256
+    from store.redaction import INGEST_REASON, MARKER
     from store.schema import redactions
 
     release, spooled_bytes = threading.Event(), []

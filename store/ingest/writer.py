@@ -98,17 +98,17 @@ def redacted_for_spool(entry: Entry, keys: frozenset[str], redacted_by: str) -> 
         return entry
     texts: list[str] = []
     claims: list[dict | None] = []
+    now = dt.datetime.now(dt.UTC)
     for text in entry.texts:
-        changed = redaction.redact_payload(text, entry.kind, keys)
+        changed = redaction.at_ingest(text, entry.kind, keys, redacted_by, now)
         if changed is None:
             texts.append(text)
             claims.append(None)
             continue
-        payload, changed_keys, workitems = changed
+        payload, record = changed
         texts.append(payload)
-        claims.append({"payload_sha256": redaction.sha256_hex(text), "record": {
-            "redacted_at": utc_text(dt.datetime.now(dt.UTC)), "reason": log.INGEST_REASON, "keys": changed_keys,
-            "workitems": workitems, "payload_sha256": redaction.sha256_hex(payload), "redacted_by": redacted_by}})
+        claims.append({"payload_sha256": redaction.sha256_hex(text),
+                       "record": {**record, "redacted_at": utc_text(now)}})
     return entry if not any(claims) else replace(entry, texts=texts, redacted=claims)
 
 
