@@ -14,17 +14,17 @@ file, then runs each step in a process of its own, so that each step's peak RSS 
 - ``verify-chain``: the chain part of ``verify`` alone (``verify.verify_chain`` without its
   columns: payload hashes, links, the kept row counts) over the log ``append`` left, in one
   read-only snapshot; then, in another and shown on the same line, the chain with the check of
-  the extracted columns, as ``verify`` runs them.  From ``verify.PARALLEL_ROWS`` rows on, both
-  (and ``verify``) take a second process for half the log, when there are two CPUs.
+  the extracted columns, as ``verify`` runs them.
 - ``verify``: full ``verify`` (hash chain, extracted columns, row counts, every projection
   against a rebuild) in one read-only snapshot, as the command does.
 - ``audit``: ``history`` and ``state --as-of`` (``store.audit``) of workitems sampled from the
   log: median and maximum latency over 50 calls each, after a warm-up, each call a read-only
   snapshot as the commands open it (process start-up and printing are not counted).
-- ``raw``: the baseline (below).
+- ``raw``, ``raw-projections``: the baselines (below): the log's rows, and the projection rows
+  the rebuild wrote, inserted with no store code.
 
 Rates are log rows per second (every line of the file is one row, duplicates and quarantined
-lines included).  How each step runs and measures, and the baselines (``raw``): ``bench_steps``.
+lines included).  How each step runs and measures, and the baselines: ``bench_steps``.
 
 On PostgreSQL the bench never touches the database of the URL beyond connecting to it: it
 creates throwaway databases next to it (``CREATE DATABASE``, the role needs CREATEDB) and drops
@@ -41,30 +41,30 @@ import datetime as dt
 import json
 import os
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import URL, create_engine, text
-
+from . import bench_targets
 from .bench_steps import RESULT_PREFIX
-from .db import parse_url
-from .errors import StoreError, driver_message, safe_url
+from .errors import StoreError
+from .projections import PROJECTIONS
 
-STEPS = ("append", "import", "project", "rebuild", "verify-chain", "verify", "audit", "raw", "forget")
+STEPS = ("append", "import", "project", "rebuild", "verify-chain", "verify", "audit", "raw", "raw-projections",
+         "forget")
 # What each step needs run before it (on the same store): the log of ``append``, projections.
 NEEDS = {"project": ("append",), "rebuild": ("append",), "verify-chain": ("append",),
-         "verify": ("append", "project"), "audit": ("append",), "raw": ("append",), "forget": ("append", "project")}
+         "verify": ("append", "project"), "audit": ("append",), "raw": ("append",),
+         "raw-projections": ("append", "rebuild"), "forget": ("append", "project")}
 # The order steps run in: the baseline right after the log it copies, then the import, whose
 # ratio is then printed early; projections and what reads them last.
-ORDER = ("append", "raw", "import", "project", "rebuild", "verify-chain", "verify", "audit", "forget")  # (forget
-# changes the log: last)
+ORDER = ("append", "raw", "import", "project", "rebuild", "raw-projections", "verify-chain", "verify", "audit",
+         "forget")  # (forget changes the log: last)
+BASELINES = ("raw", "raw-projections")
 STEP_HELP = {
     "append": "import --no-project into a fresh store (read, parse, classify, hash, insert)",
     "import": "import into a fresh store (append, then project)",
@@ -74,6 +74,7 @@ STEP_HELP = {
     "verify": "full verify: chain, columns, counts, projections against a rebuild",
     "audit": "history and state --as-of of sampled workitems",
     "raw": "baseline: the finished rows inserted raw",
+    "raw-projections": "baseline: the projection rows of the rebuild inserted raw",
     "forget": "forget --received-before (retention) over the whole log, projected",
 }
 
@@ -109,79 +110,6 @@ def parse_steps(value: str | None) -> tuple[str, ...]:
             todo.add(step)
             pending.extend(NEEDS.get(step, ()))
     return tuple(s for s in ORDER if s in todo)
-
-
-# -- where the stores live --------------------------------------------------------------------
-
-class _SQLiteTarget:
-    backend = "sqlite"
-
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-
-    def describe(self) -> str:
-        return f"SQLite {sqlite3.sqlite_version} files in {self.tmp.parent}"
-
-    def create(self, name: str) -> str:
-        return f"sqlite:///{self.tmp / (name + '.db')}"
-
-    def drop(self, name: str) -> None:
-        for suffix in (".db", ".db-wal", ".db-shm"):
-            (self.tmp / (name + suffix)).unlink(missing_ok=True)
-
-    def close(self) -> None:
-        pass
-
-
-class _PostgresTarget:
-    """Throwaway databases on the server of ``url`` (whose own database is only connected to)."""
-
-    backend = "postgresql"
-
-    def __init__(self, url: URL):
-        self.url = url  # (db.parse_url: with its driver)
-        self.prefix = f"wis_bench_{uuid.uuid4().hex[:10]}"
-        self.created: list[str] = []
-        self.admin = create_engine(self.url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 10})
-        try:
-            with self.admin.connect() as conn:
-                self.version = conn.execute(text("SHOW server_version")).scalar_one()
-        except Exception as exc:  # any failure to connect is the user's to fix
-            self.admin.dispose()
-            raise StoreError(f"cannot connect to {safe_url(self.url)}: {_first_line(exc)}") from exc
-
-    def describe(self) -> str:
-        return (f"PostgreSQL {self.version.split()[0]} on the server of {safe_url(self.url)} "
-                f"(throwaway databases {self.prefix}_*)")
-
-    def create(self, name: str) -> str:
-        database = f"{self.prefix}_{name}"
-        try:
-            with self.admin.connect() as conn:
-                conn.execute(text(f'CREATE DATABASE "{database}"'))
-        except Exception as exc:  # e.g. no CREATEDB privilege
-            raise StoreError(f"cannot create database {database} (the role needs CREATEDB): "
-                             f"{_first_line(exc)}") from exc
-        self.created.append(database)
-        return self.url.set(database=database).render_as_string(hide_password=False)
-
-    def drop(self, name: str) -> None:
-        database = f"{self.prefix}_{name}"
-        if database in self.created:
-            with self.admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-            self.created.remove(database)
-
-    def close(self) -> None:
-        try:
-            for database in list(self.created):
-                self.drop(database.removeprefix(self.prefix + "_"))
-        finally:
-            self.admin.dispose()
-
-
-def _first_line(exc: BaseException) -> str:
-    return driver_message(getattr(exc, "orig", None) or exc)
 
 
 # -- running a step in a child process ----------------------------------------------------------
@@ -220,22 +148,12 @@ def _workdir(workdir: str | None) -> str | None:
     return str(path)
 
 
-def _target(db: str | None, tmp: Path):
-    if db is None:
-        return _SQLiteTarget(tmp)
-    url = parse_url(db)
-    if url.get_backend_name() != "postgresql":
-        raise StoreError(f"bench --db takes a PostgreSQL URL (got {safe_url(url)}); "
-                         "without --db the bench runs on SQLite files in --workdir")
-    return _PostgresTarget(url)
-
-
 def _rate(result: dict) -> float:
     return result["rows"] / result["seconds"] if result["seconds"] > 0 else float("inf")
 
 
 def _step_line(name: str, result: dict, note: str = "") -> str:
-    return (f"{name:12s} {_rate(result):>10,.0f} events/s {result['seconds']:>8.3f} s   "
+    return (f"{name:15s} {_rate(result):>10,.0f} events/s {result['seconds']:>8.3f} s   "
             f"peak RSS {result['rss_mb']:>5.0f} MB   {STEP_HELP[name]}{note}")
 
 
@@ -255,7 +173,7 @@ def run(events: int, workdir: str | None = None, db: str | None = None,
     try:
         with tempfile.TemporaryDirectory(prefix="wis-bench-", dir=workdir) as tmp_name:
             tmp = Path(tmp_name)
-            target = _target(db, tmp)
+            target = bench_targets.target(db, tmp)
             try:
                 yield from _run(events, tmp, target, steps)
             finally:
@@ -303,7 +221,7 @@ def _run(events: int, tmp: Path, target, steps: tuple[str, ...]) -> Iterator[str
         elif step == "audit":
             results[step] = r = _child({"step": "audit", "url": log_url})
             for name, times in (("history", r["history_ms"]), ("state", r["state_ms"])):
-                yield (f"{'audit':12s} {name + (' --as-of' if name == 'state' else ''):15s} median "
+                yield (f"{'audit':15s} {name + (' --as-of' if name == 'state' else ''):15s} median "
                        f"{statistics.median(times):6.2f} ms, max {max(times):6.2f} ms over {len(times)} calls "
                        f"({r['workitems']} workitems, {r['trail_rows']:.0f} log rows each on average)   "
                        f"peak RSS {r['rss_mb']:.0f} MB")
@@ -311,15 +229,17 @@ def _run(events: int, tmp: Path, target, steps: tuple[str, ...]) -> Iterator[str
             results[step] = r = _child({"step": "forget", "url": log_url})
             yield _step_line(step, r, f" ({r['redacted']:,} rows redacted, {r['redacted'] / r['seconds']:,.0f}/s; "
                                       f"run again: {r['rows'] / r['again_seconds']:,.0f} events/s, nothing to do)")
-        elif step == "raw":
-            url = target.create("raw")
+        elif step in BASELINES:
+            url = target.create(step.replace("-", "_"))
+            tables = ["event_log"] if step == "raw" else [cls.table.name for cls in PROJECTIONS]
             results[step] = r = _child({"step": f"raw-{target.backend}", "url": url, "source_url": log_url,
-                                        "spill": str(tmp / "rows.spill")})
-            target.drop("raw")
-            how = ("sqlite3.executemany of the appended rows into event_log, one transaction"
-                   if target.backend == "sqlite" else
-                   "psycopg COPY event_log FROM STDIN of the appended rows, one transaction")
-            yield (f"{'raw':12s} {_rate(r):>10,.0f} events/s {r['seconds']:>8.3f} s   "
+                                        "tables": tables, "spill": str(tmp / "rows.spill")})
+            target.drop(step.replace("-", "_"))
+            what = "the appended rows" if step == "raw" else f"the rows the rebuild wrote ({r['rows']:,})"
+            r["rows"] = results["append"]["rows"]  # (a rate of log rows, as every step's)
+            how = ("sqlite3.executemany" if target.backend == "sqlite" else "psycopg COPY FROM STDIN") + \
+                f" of {what} into {', '.join(tables)}, one transaction"
+            yield (f"{step:15s} {_rate(r):>10,.0f} events/s {r['seconds']:>8.3f} s   "
                    f"peak RSS {r['rss_mb']:>5.0f} MB   baseline: {how}")
     target.drop("log")
 
@@ -334,6 +254,15 @@ def _run(events: int, tmp: Path, target, steps: tuple[str, ...]) -> Iterator[str
                 prefix = "PostgreSQL " if target.backend == "postgresql" else ""
                 yield (f"  {prefix}{step} / {raw_name}: {ratios[step]:.2f}x"
                        + (f" (target >= {aim})" if aim is not None else ""))
+    if "raw-projections" in results:
+        for step in ("project", "rebuild"):
+            if step in results:
+                yield f"  {step} / {raw_name} of the projection rows it writes: " \
+                      f"{_rate(results[step]) / _rate(results['raw-projections']):.2f}x"
+        if "raw" in results:
+            ceiling = 1 / (1 / _rate(results["raw"]) + 1 / _rate(results["raw-projections"]))
+            yield f"  {raw_name} of the log rows and of their projection rows, one after the other " \
+                  f"(what import cannot beat here): {ceiling:,.0f} events/s"
 
     yield "goals:"
     yield from _goals(results, ratios, target.backend)
@@ -352,7 +281,7 @@ def _goals(results: dict, ratios: dict, backend: str) -> Iterator[str]:
         return f"{ratios['append']:.2f}x", ratios["append"] >= goal
 
     def peak_rss() -> tuple[str, bool]:
-        steps = {k: v for k, v in results.items() if k != "raw"}
+        steps = {k: v for k, v in results.items() if k not in BASELINES}
         worst = max(steps, key=lambda k: steps[k]["rss_mb"])
         return f"max {steps[worst]['rss_mb']:.0f} MB ({worst})", steps[worst]["rss_mb"] < RSS_MB
 
@@ -370,7 +299,7 @@ def _goals(results: dict, ratios: dict, backend: str) -> Iterator[str]:
          lambda: append_ratio(APPEND_RATIO_SQLITE)),
         (f"import >= {IMPORT_RATE_SQLITE:,} events/s (SQLite)", "sqlite", "import" in results,
          lambda: rate("import", IMPORT_RATE_SQLITE)),
-        (f"peak RSS of each step < {RSS_MB} MB", None, any(k != "raw" for k in results), peak_rss),
+        (f"peak RSS of each step < {RSS_MB} MB", None, any(k not in BASELINES for k in results), peak_rss),
         (f"history, state --as-of < {AUDIT_MS:g} ms (median)", None, "audit" in results, audit),
         (f"verify chain >= {VERIFY_CHAIN_RATE_SQLITE:,} events/s (SQLite)", "sqlite", "verify-chain" in results,
          lambda: rate("verify-chain", VERIFY_CHAIN_RATE_SQLITE)),

@@ -6,8 +6,7 @@ Rates are log rows per second (every line of the file is one row, duplicates and
 lines included).  Peak RSS is the child's ``VmHWM`` (``/proc/self/status``), not
 ``getrusage().ru_maxrss``: Linux carries ru_maxrss across ``execve``, so a child would report at
 least the RSS of the process that spawned it.  Elsewhere ru_maxrss is used.  A process the child
-forks and waits for (verify's helper for half a long log, ``verify.PARALLEL_ROWS``) counts when
-larger (``RUSAGE_CHILDREN``; a forked process's RSS includes the pages it shares with its parent).
+starts and waits for counts when larger (``RUSAGE_CHILDREN``).
 
 Baselines: the same finished rows, inserted with no work of the store's around them.
 
@@ -27,6 +26,12 @@ Baselines: the same finished rows, inserted with no work of the store's around t
   spent loading each chunk from it is left out of the COPY's time too: the server may go on
   working on rows already sent meanwhile, so if anything the baseline looks a little faster
   than it is and the ratios come out lower.
+
+``raw-projections`` does the same (executemany, or COPY of each value's text) with the rows the
+rebuild wrote into the four projection tables, read back from the ``append`` store after the
+``rebuild`` step: the database work that ``project`` and ``rebuild`` cannot avoid.  Its rate is
+counted in log rows, as the rebuild's, so ``rebuild / raw insert of the projection rows it
+writes`` is the share of a rebuild's time that is the database writing its rows.
 """
 
 from __future__ import annotations
@@ -233,22 +238,31 @@ def _step_audit(spec: dict) -> dict:
             "trail_rows": statistics.mean(trail_rows)}
 
 
-def _log_pages(url: str):
-    """(column names, the rows of ``url``'s event_log as the driver reads them, in pages by seq):
-    what the baselines load (not timed)."""
+def _table_pages(url: str, table: str):
+    """(column names, the rows of ``url``'s ``table`` as the driver reads them, in lists): what
+    the baselines load (not timed).  event_log is read in pages by seq; a projection table
+    (read after a rebuild: its rows, in no particular order) through a streaming cursor, on
+    PostgreSQL as text (COPY's input: the driver would read jsonb as Python values)."""
     from sqlalchemy import select
 
     from .db import open_engine
     from .reading import pages
-    from .schema import event_log
+    from .schema import metadata
 
-    columns = [c.name for c in event_log.columns]  # (seq first: the pages' key)
+    columns = [c.name for c in metadata.tables[table].columns]  # (event_log: seq first, the pages' key)
 
     def read():
         engine = open_engine(url, readonly=True)
         try:
             with engine.connect() as conn:
-                yield from pages(conn, select(*event_log.columns), size=CHUNK, raw=True)
+                if table == "event_log":
+                    yield from pages(conn, select(*metadata.tables[table].columns), size=CHUNK, raw=True)
+                    return
+                cast = "::text" if conn.dialect.name == "postgresql" else ""
+                result = conn.execution_options(stream_results=True).exec_driver_sql(
+                    f"SELECT {', '.join(c + cast for c in columns)} FROM {table}")
+                while rows := result.fetchmany(CHUNK):
+                    yield rows
         finally:
             engine.dispose()
     return columns, read()
@@ -259,24 +273,27 @@ def _step_raw_sqlite(spec: dict) -> dict:
 
     open_store(spec["url"]).dispose()  # the schema, by the store's own migrations
     target = sqlite3.connect(spec["url"].removeprefix("sqlite:///"), isolation_level=None)
-    columns, chunks = _log_pages(spec["source_url"])
+    seconds, rows = 0.0, 0
     try:
         target.execute(SQLITE_CACHE)
-        insert = f"INSERT INTO event_log ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-        seconds, rows = 0.0, 0
         start = time.perf_counter()
         target.execute("BEGIN IMMEDIATE")  # (as the store's write transaction: locks.py)
         seconds += time.perf_counter() - start
-        for chunk in chunks:
-            start = time.perf_counter()
-            target.executemany(insert, chunk)
-            seconds += time.perf_counter() - start
-            rows += len(chunk)
+        for table in spec["tables"]:
+            columns, chunks = _table_pages(spec["source_url"], table)
+            insert = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            try:
+                for chunk in chunks:
+                    start = time.perf_counter()
+                    target.executemany(insert, chunk)
+                    seconds += time.perf_counter() - start
+                    rows += len(chunk)
+            finally:
+                chunks.close()
         start = time.perf_counter()
         target.execute("COMMIT")
         seconds += time.perf_counter() - start
     finally:
-        chunks.close()
         target.close()
     return {"seconds": seconds, "rows": rows}
 
@@ -300,29 +317,36 @@ def _step_raw_postgresql(spec: dict) -> dict:
     from .db import open_store
 
     open_store(spec["url"]).dispose()  # the schema, by the store's own migrations
-    spill = Path(spec["spill"])
-    columns, pages = _log_pages(spec["source_url"])
-    with spill.open("wb") as out:
-        for page in pages:
-            pickle.dump(page, out, protocol=pickle.HIGHEST_PROTOCOL)
+    spills = []
+    for table in spec["tables"]:
+        columns, pages = _table_pages(spec["source_url"], table)
+        spills.append((table, columns, spill := Path(f"{spec['spill']}.{table}")))
+        with spill.open("wb") as out:
+            for page in pages:
+                pickle.dump(page, out, protocol=pickle.HIGHEST_PROTOCOL)
     seconds, rows = 0.0, 0
     try:
-        with psycopg.connect(_libpq(spec["url"])) as target, spill.open("rb") as spilled:
+        with psycopg.connect(_libpq(spec["url"])) as target:
             cur = target.cursor()
-            start = time.perf_counter()
-            with cur.copy(f"COPY event_log ({', '.join(columns)}) FROM STDIN") as copy:
-                seconds += time.perf_counter() - start
-                while (chunk := _load(spilled)) is not None:  # loading a chunk is not timed
+            for table, columns, spill in spills:
+                with spill.open("rb") as spilled:
                     start = time.perf_counter()
-                    for row in chunk:
-                        copy.write_row(row)
+                    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                        seconds += time.perf_counter() - start
+                        while (chunk := _load(spilled)) is not None:  # loading a chunk is not timed
+                            start = time.perf_counter()
+                            for row in chunk:
+                                copy.write_row(row)
+                            seconds += time.perf_counter() - start
+                            rows += len(chunk)
+                        start = time.perf_counter()  # the end of the COPY: the server's last rows
                     seconds += time.perf_counter() - start
-                    rows += len(chunk)
-                start = time.perf_counter()  # the end of the COPY: the server's last rows
+            start = time.perf_counter()
             target.commit()
             seconds += time.perf_counter() - start
     finally:
-        spill.unlink(missing_ok=True)
+        for _, _, spill in spills:
+            spill.unlink(missing_ok=True)
     return {"seconds": seconds, "rows": rows}
 
 

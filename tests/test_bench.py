@@ -20,12 +20,17 @@ from store.schema import event_log
 from store.simulate import simulate
 from store.verify import VerifyReport
 
-STEP_LINE = re.compile(r"^(append|raw|import|project|rebuild|verify-chain|verify|forget) +([\d,]+) events/s +"
+STEP_LINE = re.compile(r"^(append|raw|import|project|rebuild|raw-projections|verify-chain|verify|forget) +([\d,]+) "
+                       r"events/s +"
                        r"([\d.]+) s +peak RSS +(\d+) MB ")
 VERIFY_CHAIN_NOTE = re.compile(r"\(with columns ([\d,]+) events/s, ([\d.]+) s\)$")
 AUDIT_LINE = re.compile(r"^audit +(history|state --as-of) +median +([\d.]+) ms, max +([\d.]+) ms over 50 calls"
                         r".*peak RSS (\d+) MB$")
 RATIO_LINE = re.compile(r"^ +(PostgreSQL )?(append|import) / raw (insert|COPY): ([\d.]+)x")
+PROJECTION_RATIO_LINE = re.compile(r"^  (project|rebuild) / raw (insert|COPY) of the projection rows it writes: "
+                                   r"([\d.]+)x$")
+CEILING_LINE = re.compile(r"^  raw (insert|COPY) of the log rows and of their projection rows, one after the other "
+                          r"\(what import cannot beat here\): ([\d,]+) events/s$")
 GOAL_LINE = re.compile(r"^  (rebuild >=|append >=|import >=|peak RSS|history, state|verify chain >=|full verify >="
                        r"|forget >=)"
                        r".* (ok|MISSED|n/a)$")
@@ -58,6 +63,16 @@ def _check_report(lines: list[str], raw: str) -> list[str]:
         assert m[3] == raw and float(m[4]) > 0
     # import = append + project on a fresh store: slower than append alone.
     assert float(ratios["import"][4]) < float(ratios["append"][4])
+    # The projections' baseline: its rows are the rebuild's, inserted raw in the same tables.
+    assert "into workitems, workitem_transitions, capability_history, request_outcomes, one transaction" \
+        in steps["raw-projections"].string
+    projection_ratios = {m[1]: m for m in map(PROJECTION_RATIO_LINE.match, lines) if m}
+    assert set(projection_ratios) == {"project", "rebuild"}
+    assert all(m[2] == raw and float(m[3]) > 0 for m in projection_ratios.values())
+    [ceiling] = [m for m in map(CEILING_LINE.match, lines) if m]
+    rates = {name: int(m[2].replace(",", "")) for name, m in steps.items()}
+    # Two baselines one after the other: slower than either alone (rounding aside).
+    assert ceiling[1] == raw and int(ceiling[2].replace(",", "")) <= min(rates["raw"], rates["raw-projections"])
     goals = lines[lines.index("goals:") + 1:-1]
     assert len(goals) == 9 and all(map(GOAL_LINE.match, goals)), goals
     assert lines[-1].startswith("measured ")
@@ -103,6 +118,7 @@ def test_bench_steps_subset_runs_what_they_need(tmp_path):
     assert parse_steps("verify") == ("append", "project", "verify")
     assert parse_steps("verify-chain") == ("append", "verify-chain")
     assert parse_steps(" rebuild , raw") == ("append", "raw", "rebuild")
+    assert parse_steps("raw-projections") == ("append", "rebuild", "raw-projections")
     assert parse_steps(None) == ORDER
     result = CliRunner().invoke(main, ["bench", "--events", "100", "--steps", "import", "--workdir", str(tmp_path)])
     assert result.exit_code == 0, result.output

@@ -141,7 +141,7 @@ def _steps(_ctx, _param, value: str | None) -> tuple[str, ...]:
                    "name); without it the bench runs on SQLite files, whatever $WORKITEM_STORE_URL says.")
 @click.option("--steps", metavar="STEP,...", default=None, callback=_steps,
               help="Run only these steps (append, import, project, rebuild, verify-chain, verify, audit, "
-                   "raw) and those they need.  Default: all.")
+                   "raw, raw-projections, forget) and those they need.  Default: all.")
 def bench(events, workdir, db_url, steps):
     """Measure the store's rates, memory and audit latency against raw inserts, in one run.
 
@@ -158,6 +158,10 @@ def bench(events, workdir, db_url, steps):
       import   import into a fresh store: append, then project (what a user waits for)
       project  incremental project from empty over the log append left
       rebuild  every projection recomputed from seq 1
+      raw-projections
+               the baseline of project and rebuild: the rows the rebuild wrote, inserted with
+               no store code into the projection tables of another fresh store, one
+               transaction (executemany on SQLite, COPY on PostgreSQL)
       verify-chain
                the chain part of verify alone (payload hashes, links, counts) over the log
                append left; then, timed apart on the same line, the extracted columns check
@@ -165,10 +169,13 @@ def bench(events, workdir, db_url, steps):
                a rebuild
       audit    history and state --as-of of 5 sampled workitems: median and max of 50 calls
                each after a warm-up (library calls in one snapshot each, no process start-up)
+      forget   forget --received-before (retention) over the whole log, then again
 
     A ratio such as "append / raw insert: 0.52x" is append's rate divided by the baseline's:
     the share of the time that is the database writing the rows; the rest is the store's own
-    work.  Last come the goals, each marked ok or MISSED: rebuild >= 50,000 events/s; append >=
+    work.  "rebuild / raw insert of the projection rows it writes" is the same for the
+    projections; the two baselines one after the other bound what import can reach on the
+    machine.  Last come the goals, each marked ok or MISSED: rebuild >= 50,000 events/s; append >=
     0.45x raw insert and import >= 25,000 events/s on SQLite; append >= 0.4x raw COPY on
     PostgreSQL; peak RSS < 500 MB in each store step; history and state median < 5 ms; on SQLite
     the chain part of verify >= 300,000 events/s and full verify >= 50,000 events/s.

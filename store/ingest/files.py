@@ -105,10 +105,12 @@ def _earlier_import(conn, sha256: str, file_name: str, resume: bool):
 
 
 def _batches(lines: Iterable[bytes], digest) -> Iterator[list[bytes]]:
+    """``lines`` in batches; ``digest`` (unless None) is updated with each line."""
     batch: list[bytes] = []
     size = 0
     for raw in lines:
-        digest.update(raw)
+        if digest is not None:
+            digest.update(raw)
         batch.append(raw)
         size += len(raw)
         if len(batch) >= BATCH_LINES or size >= BATCH_BYTES:
@@ -153,7 +155,7 @@ def _import(engine: Engine, stream: BinaryIO, compression: str | None, *, file_n
     if too_long(source):
         raise StoreError(f"source {source[:40]!r}... is longer than {MAX_KEY_BYTES} bytes")
     result = ImportResult(file_name)
-    digest = hashlib.sha256()
+    digest = None if resumable_sha256 else hashlib.sha256()  # (known: not computed a second time)
     context = log.AppendContext(redact_keys=frozenset(redact_keys))
     record = None  # this import's imported_files row, once a step committed
     offset = 0  # bytes of the stream in the log
@@ -197,7 +199,7 @@ def _import(engine: Engine, stream: BinaryIO, compression: str | None, *, file_n
                 if resumable_sha256 is not None and (lines >= COMMIT_LINES or size >= COMMIT_BYTES):
                     finished = False
                     break
-            result.sha256 = resumable_sha256 or digest.hexdigest()
+            result.sha256 = digest.hexdigest() if digest is not None else str(resumable_sha256)
             record = _record(conn, record, result, earlier, offset, finished)
             result.commits += 1
         if finished:
