@@ -7,12 +7,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import orjson
-from sqlalchemy import Connection, Integer, Select, Text, and_, bindparam, func
+from sqlalchemy import Connection, Integer, Select, bindparam
 from sqlalchemy.exc import DBAPIError
 
 IN_CHUNK = 900  # values per IN (...) list: well under every engine's limit on bound parameters
-PROBE_CHUNK = 20_000  # keys per JSON array of ``_probed``
 
 
 def chunks(values: Sequence, size: int = IN_CHUNK) -> Iterator[Sequence]:
@@ -25,14 +23,10 @@ def select_in(conn: Connection, query: Select, columns: Sequence, keys: Iterable
     """Run ``query`` restricted to rows whose ``columns`` (one or two) equal one of ``keys``
     (chunked), yielding rows.
 
-    Two-column keys are asked, on SQLite, as a join with the keys' JSON array (``_probed``);
-    on PostgreSQL as ``a = ? AND b IN (...)``, once per distinct ``a``.  Both walk the (a, b)
-    index key by key.  A row-value ``(a, b) IN (...)`` made SQLite scan the whole table for
-    every batch, which made incremental projection quadratic in the log.
+    Two-column keys are asked as ``a = ? AND b IN (...)``, once per distinct ``a``: both engines
+    then walk the (a, b) index.  A row-value ``(a, b) IN (...)`` made SQLite scan the whole
+    table for every batch, which made incremental projection quadratic in the log.
     """
-    if len(columns) == 2 and conn.dialect.name == "sqlite":
-        yield from _probed(conn, query, columns, keys)
-        return
     groups: dict[tuple, list] = {}
     if len(columns) == 1:
         groups[()] = list(keys)
@@ -44,19 +38,6 @@ def select_in(conn: Connection, query: Select, columns: Sequence, keys: Iterable
         where = [column == value for column, value in zip(fixed, values, strict=True)]
         for chunk in chunks(in_list):
             yield from conn.execute(query.where(*where, target.in_(chunk)))
-
-
-def _probed(conn: Connection, query: Select, columns: Sequence, keys: Iterable) -> Iterator[Any]:
-    """``select_in`` of two-column keys on SQLite: ``query`` joined with ``json_each`` of the
-    keys' JSON array, the array scanned and the (a, b) index searched for each key (a plan that
-    tests/test_query_plans.py checks): one statement for a projection step's 20,000 keys, where
-    IN lists took one per distinct ``a`` and 900 keys, and twice the time."""
-    pairs = func.json_each(bindparam("probe_keys", type_=Text)).table_valued("value").alias("probe")
-    key = pairs.c.value
-    a, b = columns
-    probed = query.join(pairs, and_(a == func.json_extract(key, "$[0]"), b == func.json_extract(key, "$[1]")))
-    for chunk in chunks(list(dict.fromkeys(keys)), PROBE_CHUNK):  # (a key twice would give its rows twice)
-        yield from conn.execute(probed, {"probe_keys": orjson.dumps(chunk).decode()})
 
 
 def pages(conn: Connection, query: Select, after: int = 0, upto: int | None = None, size: int = 5000,
