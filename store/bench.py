@@ -244,8 +244,9 @@ def _run(events: int, tmp: Path, target, steps: tuple[str, ...]) -> Iterator[str
     target.drop("log")
 
     ratios = {}
+    if any(step in results for step in BASELINES):
+        yield f"ratios to the baselines of this run ({raw_name} of the same finished rows into the same tables):"
     if "raw" in results:
-        yield f"ratios to the baseline of this run ({raw_name} of the same finished rows into the same table):"
         for step in ("append", "import"):
             if step in results:
                 ratios[step] = _rate(results[step]) / _rate(results["raw"])

@@ -317,15 +317,15 @@ def _step_raw_postgresql(spec: dict) -> dict:
     from .db import open_store
 
     open_store(spec["url"]).dispose()  # the schema, by the store's own migrations
-    spills = []
-    for table in spec["tables"]:
-        columns, pages = _table_pages(spec["source_url"], table)
-        spills.append((table, columns, spill := Path(f"{spec['spill']}.{table}")))
-        with spill.open("wb") as out:
-            for page in pages:
-                pickle.dump(page, out, protocol=pickle.HIGHEST_PROTOCOL)
+    spills: list[tuple[str, list[str], Path]] = []
     seconds, rows = 0.0, 0
     try:
+        for table in spec["tables"]:
+            columns, pages = _table_pages(spec["source_url"], table)
+            spills.append((table, columns, spill := Path(f"{spec['spill']}.{table}")))
+            with spill.open("wb") as out:
+                for page in pages:
+                    pickle.dump(page, out, protocol=pickle.HIGHEST_PROTOCOL)
         with psycopg.connect(_libpq(spec["url"])) as target:
             cur = target.cursor()
             for table, columns, spill in spills:
