@@ -34,7 +34,7 @@ from helpers import (
 from sqlalchemy import create_engine, select, text
 
 from store import proofs, redaction, seals, verify
-from store.db import open_store, write_transaction
+from store.db import open_store, text_sha256, write_transaction
 from store.db import snapshot as db_snapshot
 from store.export import export_lines
 from store.ingest.files import import_stream
@@ -129,7 +129,7 @@ def _record(conn, seq: int, payload: str, keys: list[str]) -> None:
     workitem of the row."""
     workitems = [wid for wid, _ in redaction.scoped_user_data(json.loads(payload), "notification")] or [""]
     redaction.record(conn, [{"seq": seq, "redacted_at": at(100), "reason": "forged", "keys": keys,
-                             "workitems": workitems, "payload_sha256": redaction.sha256_hex(payload),
+                             "workitems": workitems, "payload_sha256": text_sha256(payload),
                              "redacted_by": "mallory"}])
 
 
@@ -539,6 +539,8 @@ def test_live_ingest_redacts_the_configured_keys_before_writing(cometd, db_url):
             async def subscribed():
                 return (await control.users()).get(user, {}).get("subscribed")
             await eventually(subscribed, "the session to subscribe")
+            # The snapshot first: read after the publish below, it would list that workitem too.
+            await eventually(lambda: any(r["kind"] == "snapshot" for r in rows(engine)), "the snapshot")
             message = notification(1)
             message["workitem"]["userData"]["Iban"] = live_secret
             await control.publish([message], user=user)
