@@ -230,11 +230,12 @@ def _run(events: int, tmp: Path, target, steps: tuple[str, ...]) -> Iterator[str
             yield _step_line(step, r, f" ({r['redacted']:,} rows redacted, {r['redacted'] / r['seconds']:,.0f}/s; "
                                       f"run again: {r['rows'] / r['again_seconds']:,.0f} events/s, nothing to do)")
         elif step in BASELINES:
-            url = target.create(step.replace("-", "_"))
+            name = step.replace("-", "_")
+            url = target.create(name)
             tables = ["event_log"] if step == "raw" else [cls.table.name for cls in PROJECTIONS]
             results[step] = r = _child({"step": f"raw-{target.backend}", "url": url, "source_url": log_url,
                                         "tables": tables, "spill": str(tmp / "rows.spill")})
-            target.drop(step.replace("-", "_"))
+            target.drop(name)
             what = "the appended rows" if step == "raw" else f"the rows the rebuild wrote ({r['rows']:,})"
             r["rows"] = results["append"]["rows"]  # (a rate of log rows, as every step's)
             how = ("sqlite3.executemany" if target.backend == "sqlite" else "psycopg COPY FROM STDIN") + \

@@ -84,11 +84,17 @@ def _set_wal(dbapi_connection) -> None:
     raise StoreError("cannot switch the SQLite file to WAL mode: another process keeps it locked")
 
 
+def text_sha256(text: str) -> str:
+    """The SHA-256 hex of a text's UTF-8: what a redaction record holds of the payload after it,
+    and what event_log's UPDATE trigger computes (``wis_sha256`` on SQLite) to compare with it."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def _sha256_hex(value: str | bytes | None) -> str | None:
-    """SQL ``wis_sha256(text)``: the SHA-256 hex of the text's UTF-8 (NULL for NULL)."""
+    """SQL ``wis_sha256(text)``: ``text_sha256`` (of raw bytes for a blob; NULL for NULL)."""
     if value is None:
         return None
-    return hashlib.sha256(value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")).hexdigest()
+    return hashlib.sha256(value).hexdigest() if isinstance(value, bytes) else text_sha256(value)
 
 
 def _sqlite_engine(url, *, readonly: bool) -> Engine:

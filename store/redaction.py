@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import getpass
-import hashlib
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Engine, Select, func, or_, select, text
 
-from .db import snapshot, write_transaction
+from .db import snapshot, text_sha256, write_transaction
 from .errors import StoreError
 from .locks import LOCK_TIMEOUT, lock_checkpoints, lock_for_append
 from .notifications import MAX_DEPTH, NOTIFICATION, SNAPSHOT, as_text, snapshot_workitems
@@ -134,11 +133,7 @@ def at_ingest(payload: str, kind: str, keys: Collection[str], redacted_by: str,
         return None
     text, changed_keys, workitems = changed
     return text, {"redacted_at": now, "reason": INGEST_REASON, "keys": changed_keys, "workitems": workitems,
-                  "payload_sha256": sha256_hex(text), "redacted_by": redacted_by}
-
-
-def sha256_hex(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+                  "payload_sha256": text_sha256(text), "redacted_by": redacted_by}
 
 
 def record(conn: Connection, rows: list[dict]) -> None:
@@ -343,7 +338,7 @@ def _write(conn: Connection, changes: list[dict], reason: str, result: ForgetRes
 
     now, user = dt.datetime.now(dt.UTC), database_user(conn)
     for change in changes:
-        change["payload_sha256"] = sha256_hex(change["payload"])
+        change["payload_sha256"] = text_sha256(change["payload"])
     record(conn, [{"seq": ch["seq"], "redacted_at": now, "reason": reason, "keys": ch["keys"],
                    "workitems": ch["workitems"], "payload_sha256": ch["payload_sha256"], "redacted_by": user}
                   for ch in changes])

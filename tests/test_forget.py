@@ -11,7 +11,7 @@ from helpers import at, bare, bayeux, data, envelope, live, load_store, run, sna
 from sqlalchemy import inspect, select, text
 
 from store import redaction
-from store.db import open_store, write_transaction
+from store.db import open_store, text_sha256, write_transaction
 from store.db import snapshot as snapshot_of
 from store.errors import StoreError
 from store.redaction import MARKER, Selection, forget, redact_payload
@@ -94,7 +94,7 @@ def test_forget_a_customer_leaves_no_trace_and_the_store_verifies(store):
     assert [r.seq for r in records] == [1, 2, 4, 6, 8]
     for record in records:
         row = rows[record.seq]
-        assert record.payload_sha256 == redaction.sha256_hex(row.payload) != row.payload_sha256  # hash: the original
+        assert record.payload_sha256 == text_sha256(row.payload) != row.payload_sha256  # hash: the original
         assert record.reason == "erasure request 117" and record.redacted_by
     assert json.loads(records[0].keys) == ["Customer", "Phone"]
     assert [json.loads(r.workitems) for r in records] == [["w1"]] * 5
@@ -175,7 +175,7 @@ def _record(url: str, seq: int, payload: str) -> None:
         with write_transaction(engine) as conn:
             redaction.record(conn, [{"seq": seq, "redacted_at": dt.datetime.now(dt.UTC), "reason": "test",
                                      "keys": ["Customer"], "workitems": ["w1"],
-                                     "payload_sha256": redaction.sha256_hex(payload),
+                                     "payload_sha256": text_sha256(payload),
                                      "redacted_by": redaction.database_user(conn)}])
     finally:
         engine.dispose()
@@ -251,9 +251,9 @@ def test_an_interrupted_forget_leaves_whole_rows_and_the_next_run_finishes(store
     newest = {r.seq: r.payload_sha256 for r in sorted(records, key=lambda r: r.id)}
     for row in rows:
         if row.seq in newest:
-            assert newest[row.seq] == redaction.sha256_hex(row.payload) and SECRET not in row.payload
+            assert newest[row.seq] == text_sha256(row.payload) and SECRET not in row.payload
         else:
-            assert redaction.sha256_hex(row.payload) == row.payload_sha256  # untouched
+            assert text_sha256(row.payload) == row.payload_sha256  # untouched
     assert run("verify", "--db", store, ok=None).exit_code == 0  # w1's user_data still from the snapshot
     result = forget(engine, selection, "erasure", chunk=1)
     engine.dispose()

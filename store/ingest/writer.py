@@ -38,7 +38,7 @@ from sqlalchemy import Engine, func, select
 
 from .. import log, redaction
 from ..bulk import collections_postponed
-from ..db import probe_writable, write_transaction
+from ..db import probe_writable, text_sha256, write_transaction
 from ..errors import StoreError
 from ..notifications import (
     NOTIFICATION,
@@ -107,7 +107,7 @@ def redacted_for_spool(entry: Entry, keys: frozenset[str], redacted_by: str) -> 
             continue
         payload, record = changed
         texts.append(payload)
-        claims.append({"payload_sha256": redaction.sha256_hex(text),
+        claims.append({"payload_sha256": text_sha256(text),
                        "record": {**record, "redacted_at": utc_text(now)}})
     return entry if not any(claims) else replace(entry, texts=texts, redacted=claims)
 
