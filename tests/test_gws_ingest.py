@@ -96,13 +96,15 @@ async def wait_rows(engine, count: int, what: str = "notifications in the log", 
     return await eventually(probe, f"{count} {what}", deadline)
 
 
-async def subscribed(control: Control, names: list[str], deadline: float = DEADLINE) -> dict[str, str]:
-    """Each user's live session id, once every one of them has one subscribed (a session that has
-    handshaken but whose subscribe is still on its way receives nothing published meanwhile)."""
+async def subscribed(control: Control, names: list[str], deadline: float = DEADLINE,
+                     sessions: int = 1) -> dict[str, str]:
+    """Each user's (first) live session id, once every one of them has ``sessions`` subscribed (a
+    session that has handshaken but whose subscribe is still on its way receives nothing
+    published meanwhile)."""
     async def probe():
         state = await control.users()
-        live = {u: state.get(u, {}).get("subscribed") for u in names}
-        return {u: s[0] for u, s in live.items()} if all(live.values()) else None
+        live = {u: state.get(u, {}).get("subscribed") or [] for u in names}
+        return {u: s[0] for u, s in live.items()} if all(len(s) >= sessions for s in live.values()) else None
     return await eventually(probe, "every session to subscribe", deadline)
 
 
@@ -540,6 +542,7 @@ def test_two_ingestors_store_each_notification_once_and_survive_a_kill(cometd, d
                 await second.start()
                 await wait_health(first.base, 200, "the first ingestor connected")
                 await wait_health(second.base, 200, "the second ingestor connected")
+                await subscribed(control, names, sessions=2)  # (both: connected is not yet subscribed)
                 await publish(control, range(1, 31))
                 await wait_rows(engine, 4 * 30)
                 first.kill()
