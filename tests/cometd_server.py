@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import inspect
 import json
 import os
@@ -40,11 +41,14 @@ def node_modules():
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    if not (COMETD_DIR / "node_modules" / "cometd-nodejs-server").is_dir():
-        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=COMETD_DIR, check=False,
-                              capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            pytest.fail(f"npm ci in {COMETD_DIR} failed:\n{done.stdout}\n{done.stderr}")
+    # Test workers (pytest-xdist) each run this fixture: the first installs, the others wait on the lock.
+    with open(COMETD_DIR / ".npm-ci.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (COMETD_DIR / "node_modules" / "cometd-nodejs-server").is_dir():
+            done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=COMETD_DIR, check=False,
+                                  capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                pytest.fail(f"npm ci in {COMETD_DIR} failed:\n{done.stdout}\n{done.stderr}")
     return node
 
 
