@@ -13,10 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
-from sqlalchemy import JSON, Connection, Text, bindparam, cast, column, func, select, true
+from sqlalchemy import JSON, Connection, Text, bindparam, cast, column, func, select, text, true
 
 from .notifications import NOTIFICATION, SESSION, Notification, load_json, parse_timestamp
-from .reading import select_in
 from .schema import event_log
 
 # Two sessions following one agent receive each notification at nearly the same moment; copies
@@ -38,27 +37,21 @@ def first_copies(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str
     """(source, message_id, payload_sha256) -> seq of the first row with that key that is not
     itself a duplicate.
 
-    Each key is an index probe on (source, message_id), whatever the log's size: on PostgreSQL
-    one query for all keys (``_first_copies_probed``), on SQLite IN lists
-    (``_first_copies_in_lists``).
+    An index probe on (source, message_id) per key, whatever the log's size, the keys going as
+    one JSON array: on PostgreSQL one query for all, on SQLite one per source (below).
     """
+    # In index order: neighbouring probes read neighbouring pages.
     if conn.dialect.name == "postgresql":
-        return _first_copies_probed(conn, keys)
-    return _first_copies_in_lists(conn, keys)
-
-
-def _first_copies_in_lists(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str, str], int]:
-    """One query per source with an IN list of ids: SQLite probes the (source, message_id) index
-    id by id; a row-value IN over pairs made it scan (measured: 10x slower).
-
-    Not for PostgreSQL: inside an import's transaction (no statistics yet) it planned this as a
-    scan of all the source's rows, filtered: 0.3 s a batch at 100,000 rows and growing with the log.
-    """
-    c = event_log.c
-    query = (select(c.source, c.message_id, c.payload_sha256, func.min(c.seq)).where(c.duplicate_of.is_(None))
-             .group_by(c.source, c.message_id, c.payload_sha256))
+        keys_json = orjson.dumps([{"source": s, "message_id": i} for s, i in sorted(keys)]).decode()
+        rows = conn.execute(_FIRST_COPIES_PROBED, {"keys": keys_json})
+        return {(source, message_id, digest): seq for source, message_id, digest, seq in rows}
+    ids: dict[str, list[str]] = {}
+    for source, message_id in sorted(keys):
+        ids.setdefault(source, []).append(message_id)
     return {(source, message_id, digest): seq
-            for source, message_id, digest, seq in select_in(conn, query, [c.source, c.message_id], keys)}
+            for source, in_list in ids.items()
+            for message_id, digest, seq in conn.execute(
+                _FIRST_COPIES_SQLITE, {"source": source, "ids": orjson.dumps(in_list).decode()})}
 
 
 # PostgreSQL's lookups take the batch's keys as one JSON array (orjson writes it 4x faster than
@@ -89,41 +82,48 @@ _copies = (select(*(_e.c[col.name] for col in _PAYLOAD_COLUMNS))
            .offset(0).lateral("c"))
 _COPIES_BY_PAYLOAD_PROBED = select(*_copies.c).select_from(_digests.join(_copies, true()))
 
+# SQLite's take the values as one JSON array too, read by json_each in an IN subquery: SQLite
+# SEARCHes the index once per value (tests/test_query_plans.py).  Not a join to json_each:
+# after ANALYZE of a small log SQLite put the log outside, the array inside.  Measured against
+# IN lists of 900 bound ids: a third of the time for a batch of 20,000 new keys, in one
+# statement per source instead of one per source and chunk.
+def _json_values(name: str):
+    """The elements of the bind parameter ``name`` (a JSON array of strings), as a subquery."""
+    return select(func.json_each(bindparam(name, type_=Text)).table_valued("value").alias("k").c.value) \
+        .scalar_subquery()
 
-def _first_copies_probed(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str, str], int]:
-    """``first_copies`` for PostgreSQL: one query, an index probe per key."""
-    # In index order: neighbouring probes read neighbouring pages.
-    keys_json = orjson.dumps([{"source": s, "message_id": i} for s, i in sorted(keys)]).decode()
-    rows = conn.execute(_FIRST_COPIES_PROBED, {"keys": keys_json})
-    return {(source, message_id, digest): seq for source, message_id, digest, seq in rows}
+
+_FIRST_COPIES_SQLITE = (
+    select(event_log.c.message_id, event_log.c.payload_sha256, func.min(event_log.c.seq))
+    .where(event_log.c.source == bindparam("source"), event_log.c.message_id.in_(_json_values("ids")),
+           event_log.c.duplicate_of.is_(None))
+    .group_by(event_log.c.message_id, event_log.c.payload_sha256))
+# INDEXED BY: after ANALYZE, SQLite took "message_id IS NULL" for a handful of rows (the average
+# per (source, message_id) key) and skip-scanned ix_event_log_source_message_id through every
+# row without message_id instead (SQLAlchemy renders no hint for SQLite: hence the text).
+_COPIES_BY_PAYLOAD_SQLITE = text(
+    "SELECT seq, source, payload_sha256, session, received_at, duplicate_of"
+    " FROM event_log INDEXED BY ix_event_log_payload_sha256"
+    " WHERE payload_sha256 IN (SELECT k.value FROM json_each(:digests) AS k)"
+    " AND message_id IS NULL AND kind = :kind").bindparams(kind=NOTIFICATION).columns(*_PAYLOAD_COLUMNS)
 
 
 def copies_by_payload(conn: Connection, digests: set[str]) -> dict[tuple[str, str], list[Copy]]:
     """(source, payload_sha256) -> the notification rows without message_id that have that
     payload, in seq order (the partial index on payload_sha256 holds exactly those rows).
 
-    Each digest is an index probe on that partial index: on PostgreSQL one query for all
-    (``_payload_rows_probed``; an IN list was planned as a scan of every row without
-    message_id, filtered: 14 s for a batch of 20,000 at 100,000 such rows), on SQLite IN lists
-    (``_payload_rows_in_lists``).
+    One query for all digests, an index probe on that partial index per digest (as
+    ``first_copies``; on PostgreSQL an IN list was planned as a scan of every row without
+    message_id, filtered: 14 s for a batch of 20,000 at 100,000 such rows).
     """
-    fetch = _payload_rows_probed if conn.dialect.name == "postgresql" else _payload_rows_in_lists
+    query = _COPIES_BY_PAYLOAD_PROBED if conn.dialect.name == "postgresql" else _COPIES_BY_PAYLOAD_SQLITE
     found: dict[tuple[str, str], list[Copy]] = {}
-    for seq, source, digest, session, at, duplicate_of in fetch(conn, sorted(digests)):
+    for seq, source, digest, session, at, duplicate_of in conn.execute(
+            query, {"digests": orjson.dumps(sorted(digests)).decode()}):
         found.setdefault((source, digest), []).append(Copy(seq, session, at, duplicate_of))
     for copies in found.values():
         copies.sort(key=lambda copy: copy.seq)
     return found
-
-
-def _payload_rows_in_lists(conn: Connection, digests: list[str]) -> list[tuple]:
-    c = event_log.c
-    query = select(*_PAYLOAD_COLUMNS).where(c.message_id.is_(None), c.kind == NOTIFICATION)
-    return list(select_in(conn, query, [c.payload_sha256], digests))
-
-
-def _payload_rows_probed(conn: Connection, digests: list[str]) -> list[tuple]:
-    return list(conn.execute(_COPIES_BY_PAYLOAD_PROBED, {"digests": orjson.dumps(digests).decode()}))
 
 
 def session_start(conn: Connection, session: str, starts: dict[str, dt.datetime | None]) -> dt.datetime | None:

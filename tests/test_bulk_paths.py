@@ -2,9 +2,9 @@
 
 * PostgreSQL writes new rows with COPY (``bulk.insert_rows``): the same values as INSERT, for odd
   text, JSON and timestamps, and the same log and projections as a SQLite store.
-* PostgreSQL finds duplicates with one index probe per key (``duplicates._first_copies_probed``,
-  ``duplicates._payload_rows_probed``): the same rows as the IN lists SQLite uses, and the same
-  duplicate rules on both engines (within a batch, across batches, with and without ids).
+* Each engine finds duplicates with one index probe per key (``duplicates.first_copies``,
+  ``duplicates.copies_by_payload``): the same rows on both engines, and the same duplicate rules
+  (within a batch, across batches, with and without ids).
 * An envelope line as export writes it is read with one parse (``notifications._exported_envelope``):
   every line, however odd, classifies as it does without that shortcut.
 """
@@ -250,25 +250,32 @@ def test_the_duplicate_rules_give_the_same_rows_on_both_engines(pg_admin):
 
 
 @pytest.mark.postgres
-def test_probed_lookups_find_what_in_lists_find(pg_admin):
-    """On one PostgreSQL log: the per-key probes return exactly what the IN lists return."""
+def test_duplicate_lookups_find_the_same_rows_on_both_engines(pg_admin):
+    """The same log on each engine: each engine's lookup (a JSON array of keys, joined LATERAL on
+    PostgreSQL, in an IN subquery on SQLite) finds the same first copies and the same copies by
+    payload, odd keys and absent ones included."""
     lines = [*simulate(1200, agents=3, seed=5), *simulate(300, agents=3, seed=6, fmt="bare")]
-    with fresh_store("postgresql") as engine:
-        for name in ("one", "two"):
-            import_stream(engine, io.BytesIO("".join(line + "\n" for line in lines).encode()), file_name=name,
-                          source="src")
-        with engine.connect() as conn:
-            rows = log_rows(conn)
-            keys = {(r["source"], r["message_id"]) for r in rows if r["message_id"] is not None}
-            keys |= {("src", "absent"), ("nobody", "1"), ("src", "quote'\"\\ é")}
-            digests = sorted({r["payload_sha256"] for r in rows} | {"0" * 64})
-            probed = duplicates._first_copies_probed(conn, keys)
-            assert probed == duplicates._first_copies_in_lists(conn, keys)
-            assert len(probed) > 1000
-            payload_rows = duplicates._payload_rows_probed(conn, digests)
-            in_lists = duplicates._payload_rows_in_lists(conn, digests)
-            assert sorted(map(tuple, payload_rows)) == sorted(map(tuple, in_lists))
-            assert len(payload_rows) >= 600 and all(r[4].tzinfo is UTC for r in payload_rows)
+    found = []
+    for kind in ("sqlite", "postgresql"):
+        with fresh_store(kind) as engine:
+            for name in ("one", "two"):
+                import_stream(engine, io.BytesIO("".join(line + "\n" for line in lines).encode()), file_name=name,
+                              source="src")
+            with engine.connect() as conn:
+                rows = log_rows(conn)
+                keys = {(r["source"], r["message_id"]) for r in rows if r["message_id"] is not None}
+                keys |= {("src", "absent"), ("nobody", "1"), ("src", "quote'\"\\ é")}
+                digests = {r["payload_sha256"] for r in rows} | {"0" * 64}
+                first, copies = duplicates.first_copies(conn, keys), duplicates.copies_by_payload(conn, digests)
+            # (Lines without an envelope get the time they were read: not the same on both engines.)
+            at = {r["seq"]: r["received_at"] for r in rows}
+            assert all(c.received_at == at[c.seq] and c.received_at.tzinfo is UTC
+                       for same in copies.values() for c in same)
+            found.append((first, {key: [(c.seq, c.session, c.duplicate_of) for c in same]
+                                  for key, same in copies.items()}))
+    (first_sqlite, payload_sqlite), (first_pg, payload_pg) = found
+    assert first_sqlite == first_pg and len(first_pg) > 1000
+    assert payload_sqlite == payload_pg and sum(map(len, payload_pg.values())) >= 600
 
 
 # -- one parse for an exported envelope -----------------------------------------------------------
