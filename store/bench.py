@@ -20,11 +20,13 @@ file, then runs each step in a process of its own, so that each step's peak RSS 
 - ``audit``: ``history`` and ``state --as-of`` (``store.audit``) of workitems sampled from the
   log: median and maximum latency over 50 calls each, after a warm-up, each call a read-only
   snapshot as the commands open it (process start-up and printing are not counted).
-- ``raw``, ``raw-projections``: the baselines (below): the log's rows, and the projection rows
-  the rebuild wrote, inserted with no store code.
+- ``raw``, ``raw-projections``, ``raw-chain``: the baselines (below): the log's rows, and the
+  projection rows the rebuild wrote, inserted with no store code; the chain checked with no
+  store code.
 
 Rates are log rows per second (every line of the file is one row, duplicates and quarantined
-lines included).  How each step runs and measures, and the baselines: ``bench_steps``.
+lines included).  How each step runs and measures: ``bench_steps``; the baselines:
+``bench_baselines``.
 
 On PostgreSQL the bench never touches the database of the URL beyond connecting to it: it
 creates throwaway databases next to it (``CREATE DATABASE``, the role needs CREATEDB) and drops
@@ -55,16 +57,17 @@ from .errors import StoreError
 from .projections import PROJECTIONS
 
 STEPS = ("append", "import", "project", "rebuild", "verify-chain", "verify", "audit", "raw", "raw-projections",
-         "forget")
+         "raw-chain", "forget")
 # What each step needs run before it (on the same store): the log of ``append``, projections.
 NEEDS = {"project": ("append",), "rebuild": ("append",), "verify-chain": ("append",),
          "verify": ("append", "project"), "audit": ("append",), "raw": ("append",),
-         "raw-projections": ("append", "rebuild"), "forget": ("append", "project")}
+         "raw-projections": ("append", "rebuild"), "raw-chain": ("append",), "forget": ("append", "project")}
 # The order steps run in: the baseline right after the log it copies, then the import, whose
 # ratio is then printed early; projections and what reads them last.
-ORDER = ("append", "raw", "import", "project", "rebuild", "raw-projections", "verify-chain", "verify", "audit",
-         "forget")  # (forget changes the log: last)
-BASELINES = ("raw", "raw-projections")
+ORDER = ("append", "raw", "import", "project", "rebuild", "raw-projections", "verify-chain", "raw-chain", "verify",
+         "audit", "forget")  # (forget changes the log: last)
+INSERT_BASELINES = ("raw", "raw-projections")
+BASELINES = (*INSERT_BASELINES, "raw-chain")
 STEP_HELP = {
     "append": "import --no-project into a fresh store (read, parse, classify, hash, insert)",
     "import": "import into a fresh store (append, then project)",
@@ -75,6 +78,7 @@ STEP_HELP = {
     "audit": "history and state --as-of of sampled workitems",
     "raw": "baseline: the finished rows inserted raw",
     "raw-projections": "baseline: the projection rows of the rebuild inserted raw",
+    "raw-chain": "baseline: the chain checked with no store code (payload and link SHA-256, one process)",
     "forget": "forget --received-before (retention) over the whole log, projected",
 }
 
@@ -229,7 +233,10 @@ def _run(events: int, tmp: Path, target, steps: tuple[str, ...]) -> Iterator[str
             results[step] = r = _child({"step": "forget", "url": log_url})
             yield _step_line(step, r, f" ({r['redacted']:,} rows redacted, {r['redacted'] / r['seconds']:,.0f}/s; "
                                       f"run again: {r['rows'] / r['again_seconds']:,.0f} events/s, nothing to do)")
-        elif step in BASELINES:
+        elif step == "raw-chain":
+            results[step] = r = _child({"step": "raw-chain", "url": log_url})
+            yield _step_line(step, r, "" if r["ok"] else "   A HASH DIFFERS")
+        elif step in INSERT_BASELINES:
             name = step.replace("-", "_")
             url = target.create(name)
             tables = ["event_log"] if step == "raw" else [cls.table.name for cls in PROJECTIONS]
@@ -246,7 +253,8 @@ def _run(events: int, tmp: Path, target, steps: tuple[str, ...]) -> Iterator[str
 
     ratios = {}
     if any(step in results for step in BASELINES):
-        yield f"ratios to the baselines of this run ({raw_name} of the same finished rows into the same tables):"
+        yield f"ratios to the baselines of this run ({raw_name} of the same finished rows into the same tables; " \
+              "the same chain checked with no store code):"
     if "raw" in results:
         for step in ("append", "import"):
             if step in results:
@@ -265,6 +273,9 @@ def _run(events: int, tmp: Path, target, steps: tuple[str, ...]) -> Iterator[str
             ceiling = 1 / (1 / _rate(results["raw"]) + 1 / _rate(results["raw-projections"]))
             yield f"  {raw_name} of the log rows and of their projection rows, one after the other " \
                   f"(what import cannot beat here): {ceiling:,.0f} events/s"
+    if "raw-chain" in results and "verify-chain" in results:
+        yield f"  verify-chain / the chain checked with no store code: " \
+              f"{_rate(results['verify-chain']) / _rate(results['raw-chain']):.2f}x"
 
     yield "goals:"
     yield from _goals(results, ratios, target.backend)

@@ -8,30 +8,7 @@ lines included).  Peak RSS is the child's ``VmHWM`` (``/proc/self/status``), not
 least the RSS of the process that spawned it.  Elsewhere ru_maxrss is used.  A process the child
 starts and waits for counts when larger (``RUSAGE_CHILDREN``).
 
-Baselines: the same finished rows, inserted with no work of the store's around them.
-
-- SQLite (default): ``sqlite3.executemany`` of the rows of the appended log, read back from the
-  ``append`` store (every column as stored: seq, hashes, extracted columns), into the event_log
-  table of a fresh store, created by the store's own migrations: the exact schema, with its
-  indexes and triggers, with the store's connection settings (WAL, 64 MiB page cache), in one
-  transaction, as ``append`` commits.  The rows are read back in chunks by seq; only the inserts
-  are timed.  This is the database work ``append`` cannot avoid, so ``append / raw insert`` is
-  the share of the time left after the store's own work (reading, parsing, classifying,
-  duplicate detection, hashing, building rows in Python, counting): 1.0 would mean the store
-  costs nothing on top of its inserts.
-- PostgreSQL (``--db``): ``COPY event_log FROM STDIN`` through psycopg 3 (``cursor.copy``,
-  ``write_row``, text format) of the same rows into the event_log table of a fresh store, one
-  transaction: the fastest way a client can load finished rows into that table.  The rows are
-  first spilled from the ``append`` database to a local file in chunks (not timed), and the time
-  spent loading each chunk from it is left out of the COPY's time too: the server may go on
-  working on rows already sent meanwhile, so if anything the baseline looks a little faster
-  than it is and the ratios come out lower.
-
-``raw-projections`` does the same (executemany, or COPY of each value's text) with the rows the
-rebuild wrote into the four projection tables, read back from the ``append`` store after the
-``rebuild`` step: the database work that ``project`` and ``rebuild`` cannot avoid.  Its rate is
-counted in log rows, as the rebuild's, so ``rebuild / raw insert of the projection rows it
-writes`` is the share of a rebuild's time that is the database writing its rows.
+The baselines' steps are in ``store.bench_baselines``.
 """
 
 from __future__ import annotations
@@ -39,22 +16,20 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import pickle
 import random
 import resource
-import sqlite3
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from . import bench_baselines
 from .errors import StoreError
 
 RESULT_PREFIX = "BENCH-RESULT "  # the prefix of a child's result line on its stdout
-CHUNK = 20_000  # rows per read of the log, and lines per write of the simulated stream
+CHUNK = 20_000  # lines per write of the simulated stream
 AUDIT_CALLS = 50  # timed calls each of history and state
 AUDIT_WORKITEMS = 5  # workitems sampled for them
-SQLITE_CACHE = "PRAGMA cache_size=-65536"  # as store.db sets on every connection
 
 
 def _peak_rss_mb() -> float:
@@ -238,118 +213,6 @@ def _step_audit(spec: dict) -> dict:
             "trail_rows": statistics.mean(trail_rows)}
 
 
-def _table_pages(url: str, table: str):
-    """(column names, the rows of ``url``'s ``table`` as the driver reads them, in lists): what
-    the baselines load (not timed).  event_log is read in pages by seq; a projection table
-    (read after a rebuild: its rows, in no particular order) through a streaming cursor, on
-    PostgreSQL as text (COPY's input: the driver would read jsonb as Python values)."""
-    from sqlalchemy import select
-
-    from .db import open_engine
-    from .reading import pages
-    from .schema import metadata
-
-    columns = [c.name for c in metadata.tables[table].columns]  # (event_log: seq first, the pages' key)
-
-    def read():
-        engine = open_engine(url, readonly=True)
-        try:
-            with engine.connect() as conn:
-                if table == "event_log":
-                    yield from pages(conn, select(*metadata.tables[table].columns), size=CHUNK, raw=True)
-                    return
-                cast = "::text" if conn.dialect.name == "postgresql" else ""
-                result = conn.execution_options(stream_results=True).exec_driver_sql(
-                    f"SELECT {', '.join(c + cast for c in columns)} FROM {table}")
-                while rows := result.fetchmany(CHUNK):
-                    yield rows
-        finally:
-            engine.dispose()
-    return columns, read()
-
-
-def _step_raw_sqlite(spec: dict) -> dict:
-    from .db import open_store
-
-    open_store(spec["url"]).dispose()  # the schema, by the store's own migrations
-    target = sqlite3.connect(spec["url"].removeprefix("sqlite:///"), isolation_level=None)
-    seconds, rows = 0.0, 0
-    try:
-        target.execute(SQLITE_CACHE)
-        start = time.perf_counter()
-        target.execute("BEGIN IMMEDIATE")  # (as the store's write transaction: locks.py)
-        seconds += time.perf_counter() - start
-        for table in spec["tables"]:
-            columns, chunks = _table_pages(spec["source_url"], table)
-            insert = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-            try:
-                for chunk in chunks:
-                    start = time.perf_counter()
-                    target.executemany(insert, chunk)
-                    seconds += time.perf_counter() - start
-                    rows += len(chunk)
-            finally:
-                chunks.close()
-        start = time.perf_counter()
-        target.execute("COMMIT")
-        seconds += time.perf_counter() - start
-    finally:
-        target.close()
-    return {"seconds": seconds, "rows": rows}
-
-
-def _libpq(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def _load(spilled) -> list | None:
-    try:
-        return pickle.load(spilled)
-    except EOFError:
-        return None
-
-
-def _step_raw_postgresql(spec: dict) -> dict:
-    import psycopg
-
-    from .db import open_store
-
-    open_store(spec["url"]).dispose()  # the schema, by the store's own migrations
-    spills: list[tuple[str, list[str], Path]] = []
-    seconds, rows = 0.0, 0
-    try:
-        for table in spec["tables"]:
-            columns, pages = _table_pages(spec["source_url"], table)
-            spills.append((table, columns, spill := Path(f"{spec['spill']}.{table}")))
-            with spill.open("wb") as out:
-                for page in pages:
-                    pickle.dump(page, out, protocol=pickle.HIGHEST_PROTOCOL)
-        with psycopg.connect(_libpq(spec["url"])) as target:
-            cur = target.cursor()
-            for table, columns, spill in spills:
-                with spill.open("rb") as spilled:
-                    start = time.perf_counter()
-                    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-                        seconds += time.perf_counter() - start
-                        while (chunk := _load(spilled)) is not None:  # loading a chunk is not timed
-                            start = time.perf_counter()
-                            for row in chunk:
-                                copy.write_row(row)
-                            seconds += time.perf_counter() - start
-                            rows += len(chunk)
-                        start = time.perf_counter()  # the end of the COPY: the server's last rows
-                    seconds += time.perf_counter() - start
-            start = time.perf_counter()
-            target.commit()
-            seconds += time.perf_counter() - start
-    finally:
-        for _, _, spill in spills:
-            spill.unlink(missing_ok=True)
-    return {"seconds": seconds, "rows": rows}
-
-
 _CHILD_STEPS = {
     "simulate": _step_simulate,
     "append": _step_append,
@@ -360,8 +223,9 @@ _CHILD_STEPS = {
     "verify": _step_verify,
     "audit": _step_audit,
     "forget": _step_forget,
-    "raw-sqlite": _step_raw_sqlite,
-    "raw-postgresql": _step_raw_postgresql,
+    "raw-sqlite": bench_baselines.step_raw_sqlite,
+    "raw-postgresql": bench_baselines.step_raw_postgresql,
+    "raw-chain": bench_baselines.step_raw_chain,
 }
 
 

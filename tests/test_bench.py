@@ -20,7 +20,8 @@ from store.schema import event_log
 from store.simulate import simulate
 from store.verify import VerifyReport
 
-STEP_LINE = re.compile(r"^(append|raw|import|project|rebuild|raw-projections|verify-chain|verify|forget) +([\d,]+) "
+STEP_LINE = re.compile(r"^(append|raw|import|project|rebuild|raw-projections|verify-chain|raw-chain|verify|forget) "
+                       r"+([\d,]+) "
                        r"events/s +"
                        r"([\d.]+) s +peak RSS +(\d+) MB ")
 VERIFY_CHAIN_NOTE = re.compile(r"\(with columns ([\d,]+) events/s, ([\d.]+) s\)$")
@@ -73,6 +74,11 @@ def _check_report(lines: list[str], raw: str) -> list[str]:
     rates = {name: int(m[2].replace(",", "")) for name, m in steps.items()}
     # Two baselines one after the other: slower than either alone (rounding aside).
     assert ceiling[1] == raw and int(ceiling[2].replace(",", "")) <= min(rates["raw"], rates["raw-projections"])
+    # The chain's baseline: the same hashes with no store code, over the same rows (all of them).
+    assert "HASH DIFFERS" not in steps["raw-chain"].string
+    [chain_ratio] = [line for line in lines
+                     if line.startswith("  verify-chain / the chain checked with no store code: ")]
+    assert float(chain_ratio.split()[-1].rstrip("x")) > 0
     goals = lines[lines.index("goals:") + 1:-1]
     assert len(goals) == 9 and all(map(GOAL_LINE.match, goals)), goals
     assert lines[-1].startswith("measured ")
