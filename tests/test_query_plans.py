@@ -4,8 +4,8 @@ user's week-long import.
 An import (with duplicates), an incremental ``project``, ``history`` and ``state`` run on a
 store with some history, with every SELECT they send recorded; each is then EXPLAINed.  SQLite
 must not SCAN a table (only SEARCH it, by an index or the rowid; the one SCAN allowed reads a
-batch's keys from a JSON array); PostgreSQL, with sequential scans made
-unattractive (the tables are small), must not need one.
+batch's keys from a JSON array); PostgreSQL, with sequential scans made unattractive (the tables
+are small), must not need one.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def recorded_selects(engine):
 
 # SQLite's plan step reading a batch's keys, given as a JSON array (duplicates.py): not a table.
 KEYS_SCAN = "SCAN k VIRTUAL TABLE"
+
 # Read whole on purpose: one row per projection; normally empty.
 WHOLE = ("projection_checkpoints", "projection_errors")
 
@@ -99,9 +100,9 @@ def test_duplicate_lookups_probe_the_index_key_by_key(engine):
     """Issue 9: the duplicate lookups of an append are an index probe per key (source and
     message id; payload digest for messages without id), whatever the log's size, before and
     after ANALYZE (an import runs in one transaction, with the statistics of before it): SQLite
-    SEARCHes by both columns; PostgreSQL, left to choose, runs a nested loop of index
-    scans, never a scan of the log nor of all of one source's rows.  Both take the batch's keys
-    as one JSON array."""
+    SEARCHes by both columns; PostgreSQL, left to choose, runs a nested loop of index scans,
+    never a scan of the log nor of all of one source's rows.  Both take the batch's keys as one
+    JSON array."""
     keyed = list(simulate(3000, agents=5, seed=11))
     unkeyed = list(simulate(1000, agents=5, seed=12, fmt="bare"))
     feed(engine, keyed + unkeyed)
