@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .log import GENESIS_HASH
+
 CHUNK = 20_000  # rows per read of the log
 SQLITE_CACHE = "PRAGMA cache_size=-65536"  # as store.db sets on every connection
 
@@ -119,7 +121,7 @@ def step_raw_chain(spec: dict) -> dict:
         at, after = """to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')""", "%s"
     page = (f"SELECT seq, {at}, source, payload, payload_sha256, chain_hash, duplicate_of, quarantine_reason, "
             f"kind, session FROM event_log WHERE seq > {after} ORDER BY seq LIMIT {CHUNK}")
-    prev, last, rows, ok = "0" * 64, 0, 0, True
+    prev, last, rows, ok = GENESIS_HASH, 0, 0, True
     try:
         start = time.perf_counter()
         while chunk := conn.execute(page, (last,)).fetchall():

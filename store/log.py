@@ -19,6 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from . import duplicates, redaction
 from .bulk import insert_rows
+from .db import text_sha256
 from .locks import lock_for_append
 from .notifications import NOTIFICATION, SESSION, SNAPSHOT, Notification, load_json, parse_timestamp, utc_text
 from .reading import pages
@@ -43,8 +44,9 @@ def chain_hash(prev: str, seq: int, received_at: dt.datetime, source: str, paylo
     return hashlib.sha256("\n".join(fields).encode()).hexdigest()
 
 
-def payload_sha256(payload: str) -> str:
-    return hashlib.sha256(payload.encode()).hexdigest()
+# A payload's SHA-256: the one hash of a text the store computes (redaction records and the SQL
+# function of the UPDATE trigger use it too).
+payload_sha256 = text_sha256
 
 
 @dataclass(frozen=True)
